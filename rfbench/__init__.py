@@ -1,0 +1,42 @@
+"""rfbench: measure random-feature approximations of the softmax kernel exp(q . k)."""
+
+from rfbench import exact
+from rfbench.errors import DataError, EstimatorError, RFBenchError, SpecError, UnsupportedError
+from rfbench.estimator import Estimator
+from rfbench.registry import estimators, feature_maps, make_estimator, weight_matrices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "Estimator",
+    "EstimatorError",
+    "RFBenchError",
+    "SpecError",
+    "UnsupportedError",
+    "estimators",
+    "exact",
+    "feature_maps",
+    "load_results",
+    "make_estimator",
+    "run_suite",
+    "theory",
+    "weight_matrices",
+]
+
+
+def __getattr__(name):
+    # Heavier parts load on first use, so `import rfbench` stays quick.
+    if name == "theory":
+        from rfbench import theory
+
+        return theory
+    if name == "run_suite":
+        from rfbench.suite.runner import run_suite
+
+        return run_suite
+    if name == "load_results":
+        from rfbench.suite.store import load_results
+
+        return load_results
+    raise AttributeError(f"module 'rfbench' has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""Input validation shared by the public entry points (one declared place for it)."""
+
+from __future__ import annotations
+
+import torch
+
+from rfbench.errors import DataError
+
+
+def check_tensor(x, name: str, *, dim: int | None = None, min_ndim: int = 2) -> torch.Tensor:
+    """Check that ``x`` is a finite floating tensor ``[..., L, dim]``; return it unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DataError(f"{name} must have a floating dtype, got {x.dtype}; convert with .float()")
+    if x.ndim < min_ndim:
+        raise DataError(
+            f"{name} must have shape [..., L, d] (at least {min_ndim} dims), got {tuple(x.shape)}"
+        )
+    if dim is not None and x.shape[-1] != dim:
+        raise DataError(
+            f"{name} has last dimension {x.shape[-1]} but the estimator was built for dim={dim}; "
+            f"build it with dim={x.shape[-1]} or project the input"
+        )
+    if x.shape[-2] == 0:
+        raise DataError(f"{name} has no tokens (L=0), shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError(f"{name} contains {bad} NaN/Inf value(s); clean the input before estimating")
+    return x
+
+
+def check_qkv(q, k, v=None, *, dim: int | None = None) -> None:
+    """Check q ``[..., Lq, d]``, k ``[..., Lk, d]`` and optionally v ``[..., Lk, dv]``."""
+    check_tensor(q, "q", dim=dim)
+    check_tensor(k, "k", dim=dim if dim is not None else q.shape[-1])
+    if q.shape[-1] != k.shape[-1]:
+        raise DataError(f"q and k must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    except RuntimeError:
+        raise DataError(
+            f"q and k leading (batch/head) dims do not broadcast: {tuple(q.shape)} vs {tuple(k.shape)}"
+        ) from None
+    if v is not None:
+        check_tensor(v, "v")
+        if v.shape[-2] != k.shape[-2]:
+            raise DataError(
+                f"v must have one row per key: k has L={k.shape[-2]}, v has {v.shape[-2]} "
+                f"(shapes {tuple(k.shape)} and {tuple(v.shape)})"
+            )
+        try:
+            torch.broadcast_shapes(k.shape[:-2], v.shape[:-2])
+        except RuntimeError:
+            raise DataError(
+                f"k and v leading dims do not broadcast: {tuple(k.shape)} vs {tuple(v.shape)}"
+            ) from None

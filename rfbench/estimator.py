@@ -1,0 +1,281 @@
+"""Estimator: a feature map bound to one draw of a weight matrix.
+
+    est = Estimator(PosRF(), ORF(), dim=64, num_features=256, seed=0)
+    est.kernel(q, k)            # [..., Lq, Lk] estimate of exp(q . k), on the true scale
+    est.attention(q, k, v)      # approximates softmax(q k^T / sqrt(d)) v
+
+Stabilisers used (each exact):
+- a per-query constant (the query's max log-feature) is removed before exp(); it cancels
+  between the numerator and the denominator of that query's attention row, and ``kernel()``
+  multiplies it back;
+- one constant shared by all keys (their global max log-feature) is removed; it scales every
+  term of a row alike, so it cancels too. A per-key constant would not cancel (the defect of
+  the Spectraformer code, ALGORITHMS.md section 0a).
+- causal attention uses the prefix max over keys s <= t as query t's key constant, so no
+  output depends on a future token, not even through rounding or underflow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rfbench._checks import check_qkv, check_tensor
+from rfbench.errors import EstimatorError, UnsupportedError
+from rfbench.features.base import FeatureMap, Params
+from rfbench.weights.base import WeightMatrix
+
+
+class Estimator:
+    """A feature map x weight matrix pair with one drawn set of m random vectors.
+
+    Attributes:
+        num_omega: m, the number of random vectors drawn.
+        feature_dim: F, the number of output features (m * per_omega).
+        draw_: the WeightDraw (``W: [m, d]``).
+        params_: fitted data-dependent parameters, or None.
+    """
+
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        weight_matrix: WeightMatrix,
+        *,
+        dim: int,
+        num_features: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        for value, what in ((dim, "dim"), (num_features, "num_features")):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise EstimatorError(f"{what} must be a positive integer, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise EstimatorError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        reasons = feature_map.supports(weight_matrix) + weight_matrix.supports(num_features, dim)
+        if reasons:
+            raise UnsupportedError([f"{feature_map.name}-{weight_matrix.name}: {r}" for r in reasons])
+        self.feature_map = feature_map
+        self.weight_matrix = weight_matrix
+        self.dim = dim
+        self.num_omega = num_features
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # Compute dtype: half types compute in float32 (features and sums need the range).
+        self.compute_dtype = torch.promote_types(dtype, torch.float32)
+        self.draw_ = self._draw(self.seed)
+        self.params_: Params | None = None
+        self.fit_scale_: float | None = None
+
+    # ----------------------------------------------------------------- descriptive
+    @property
+    def name(self) -> str:
+        return f"{self.feature_map.name}-{self.weight_matrix.name}"
+
+    @property
+    def feature_dim(self) -> int:
+        return self.num_omega * self.feature_map.per_omega
+
+    @property
+    def unbiased(self) -> bool:
+        """True when ``kernel()`` is an unbiased estimate of the target kernel."""
+        return self.feature_map.unbiased and self.weight_matrix.unbiased
+
+    @property
+    def target(self) -> str:
+        return self.feature_map.target
+
+    def info(self) -> dict:
+        """Plain-data description of this estimator (for results tables and reports)."""
+        return {
+            "estimator": self.name,
+            "feature_map": self.feature_map.name,
+            "weight_matrix": self.weight_matrix.name,
+            "dim": self.dim,
+            "num_omega": self.num_omega,
+            "feature_dim": self.feature_dim,
+            "unbiased": self.unbiased,
+            "target": self.target,
+            "notes": "; ".join(self.draw_.notes),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Estimator({self.name}, dim={self.dim}, num_features={self.num_omega}, "
+            f"seed={self.seed}, device={self.device}, dtype={self.dtype})"
+        )
+
+    # ----------------------------------------------------------------- randomness
+    def _draw(self, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        return self.feature_map.draw(
+            self.weight_matrix, self.num_omega, self.dim,
+            generator=generator, device=self.device, dtype=self.compute_dtype,
+        )
+
+    def redraw(self, seed: int) -> Estimator:
+        """Draw new random vectors from ``seed`` (fitted parameters are kept)."""
+        self.seed = int(seed)
+        self.draw_ = self._draw(self.seed)
+        return self
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, q: torch.Tensor, k: torch.Tensor, *, scale: float = 1.0) -> Estimator:
+        """Fit data-dependent parameters (a no-op for data-independent maps).
+
+        ``scale`` says which kernel the fit is for: the estimator sees ``q * scale**0.5`` and
+        ``k * scale**0.5``. Use 1.0 (default) for ``kernel()``, and ``1/sqrt(d)`` (or the
+        ``scale`` you pass to ``attention()``) for attention.
+        """
+        check_qkv(q, k, dim=self.dim)
+        s = math.sqrt(scale)
+        self.params_ = self.feature_map.fit_params(self._cast(q) * s, self._cast(k) * s)
+        self.fit_scale_ = float(scale)
+        return self
+
+    def _params(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False) -> Params:
+        if not self.feature_map.data_dependent:
+            return {}
+        if self.params_ is not None and self.fit_scale_ is not None and math.isclose(self.fit_scale_, scale):
+            return self.params_
+        if causal:
+            raise UnsupportedError(
+                f"{self.name} fits its parameters to the whole sequence, which would let future "
+                f"tokens change earlier causal outputs; call est.fit(q_train, k_train, scale={scale:.6g}) "
+                "first (on held-out or the same tokens, knowingly)"
+            )
+        # Fitted on the inputs of this call: the attention-time behaviour of FAVOR++/FAVOR#.
+        return self.feature_map.fit_params(q, k)
+
+    # ----------------------------------------------------------------- features
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.device, dtype=self.compute_dtype)
+
+    def log_features(
+        self, x: torch.Tensor, params: Params, is_query: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log_mag, factor)`` of the normalised features of ``x: [..., L, d]``."""
+        log_mag, factor = self.feature_map.log_features(x, self.draw_, params, is_query)
+        rw = self.draw_.row_weights
+        if rw is None:
+            log_mag = log_mag - 0.5 * math.log(self.num_omega)
+        else:
+            w = rw.repeat(self.feature_map.per_omega)
+            # sqrt(|w|) on each side; the sign of a (sparse-grid) weight goes to the query side.
+            log_mag = log_mag + 0.5 * torch.log(w.abs())
+            if is_query and bool((w < 0).any()):
+                factor = torch.sign(w) if factor is None else factor * torch.sign(w)
+        return log_mag, factor
+
+    def features(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
+        """Features ``[..., L, feature_dim]`` on the true scale: phi(q) . phi(k) estimates the kernel."""
+        check_tensor(x, "x", dim=self.dim)
+        if self.feature_map.data_dependent and self.params_ is None:
+            raise EstimatorError(
+                f"{self.name} has data-dependent parameters: call est.fit(q, k) before features()"
+            )
+        log_mag, factor = self.log_features(self._cast(x), self.params_ or {}, is_query)
+        out = torch.exp(log_mag)
+        return out if factor is None else out * factor
+
+    def _stable_features(self, q, k, params, causal=False):
+        """Query and key features with the exact stabilisers of the module docstring."""
+        lq, fq = self.log_features(q, params, is_query=True)
+        lk, fk = self.log_features(k, params, is_query=False)
+        mq = lq.amax(dim=-1, keepdim=True)  # per-query constant: cancels in its own row
+        if causal:
+            mk = torch.cummax(lk.amax(dim=-1), dim=-1).values.unsqueeze(-1)  # prefix max, [..., L, 1]
+        else:
+            mk = lk.amax(dim=(-2, -1), keepdim=True)  # one constant shared by all keys
+        Q = torch.exp(lq - mq)
+        K = torch.exp(lk - mk)
+        if fq is not None:
+            Q = Q * fq
+        if fk is not None:
+            K = K * fk
+        return Q, mq, K, mk
+
+    # ----------------------------------------------------------------- estimates
+    def kernel(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Estimate of the target kernel for all pairs: ``[..., Lq, Lk]``, on the true scale."""
+        check_qkv(q, k, dim=self.dim)
+        q, k = self._cast(q), self._cast(k)
+        Q, mq, K, mk = self._stable_features(q, k, self._params(q, k, 1.0))
+        return (Q @ K.transpose(-1, -2)) * torch.exp(mq + mk.transpose(-1, -2))
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+        *,
+        scale: float | None = None,
+        chunk: int = 128,
+    ) -> torch.Tensor:
+        """Random-feature attention, approximating softmax(q k^T * scale) v.
+
+        q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` -> ``[..., Lq, dv]`` in v's
+        dtype. ``scale`` defaults to 1/sqrt(d); the feature map sees ``x * scale**0.5``.
+        With ``causal`` (needs Lq == Lk), output t depends on tokens s <= t only.
+        """
+        check_qkv(q, k, v, dim=self.dim)
+        if causal and q.shape[-2] != k.shape[-2]:
+            raise EstimatorError(
+                f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
+            )
+        scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
+        s = math.sqrt(scale)
+        qs, ks = self._cast(q) * s, self._cast(k) * s
+        vc = self._cast(v)
+        params = self._params(qs, ks, scale, causal=causal)
+        Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
+        if not causal:
+            kv = K.transpose(-1, -2) @ vc  # [..., F, dv]
+            z = K.sum(dim=-2)  # [..., F]
+            out = (Q @ kv) / (Q @ z.unsqueeze(-1))
+        else:
+            out = _causal_linear_attention(Q, K, mk.squeeze(-1), vc, chunk)
+        return out.to(v.dtype)
+
+
+def _causal_linear_attention(
+    Q: torch.Tensor, K: torch.Tensor, mk: torch.Tensor, v: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Chunked causal linear attention with a running key constant.
+
+    Q ``[..., L, F]``; K ``[..., L, F]`` holds exp(lk_s - mk_s) (times factors) where ``mk`` ``[..., L]``
+    is the prefix max of the keys' log-features; v ``[..., L, dv]``. Query t uses the constant
+    mk_t for all keys s <= t: the term of key s is rescaled by exp(mk_s - mk_t) <= 1, so nothing
+    overflows and nothing depends on tokens after t. The carried state is kept relative to the
+    constant at the end of the previous chunk.
+    """
+    L = Q.shape[-2]
+    lead = torch.broadcast_shapes(Q.shape[:-2], K.shape[:-2], v.shape[:-2])
+    F, dv = Q.shape[-1], v.shape[-1]
+    out = torch.empty(*lead, L, dv, dtype=Q.dtype, device=Q.device)
+    S = torch.zeros(*lead, F, dv, dtype=Q.dtype, device=Q.device)
+    z = torch.zeros(*lead, F, dtype=Q.dtype, device=Q.device)
+    c = torch.full(lead, -math.inf, dtype=Q.dtype, device=Q.device)
+    for i in range(0, L, chunk):
+        sl = slice(i, min(i + chunk, L))
+        Qc, Kc, vc, mc = Q[..., sl, :], K[..., sl, :], v[..., sl, :], mk[..., sl]
+        n = mc.shape[-1]
+        decay = torch.exp(c.unsqueeze(-1) - mc)  # [..., n]: state constant -> each query's own
+        num = (Qc @ S) * decay.unsqueeze(-1)
+        den = (Qc @ z.unsqueeze(-1)).squeeze(-1) * decay
+        diff = mc.unsqueeze(-2) - mc.unsqueeze(-1)  # [..., t, s] = mk_s - mk_t
+        future = torch.ones(n, n, dtype=torch.bool, device=Q.device).triu(1)
+        A = (Qc @ Kc.transpose(-1, -2)) * torch.exp(diff.masked_fill(future, -math.inf))
+        num = num + A @ vc
+        den = den + A.sum(dim=-1)
+        out[..., sl, :] = num / den.unsqueeze(-1)
+        c_new = mc[..., -1]
+        Kr = Kc * torch.exp(mc - c_new.unsqueeze(-1)).unsqueeze(-1)
+        carry = torch.exp(c - c_new)
+        S = S * carry[..., None, None] + Kr.transpose(-1, -2) @ vc
+        z = z * carry.unsqueeze(-1) + Kr.sum(dim=-2)
+        c = c_new
+    return out

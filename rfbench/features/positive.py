@@ -1,0 +1,43 @@
+"""Positive random features: PosRF (FAVOR+) and its antithetic hyperbolic variant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.weights.base import WeightDraw
+
+
+class PosRF(FeatureMap):
+    """SM^+: f(omega, x) = exp(omega . x - |x|^2 / 2), omega ~ N(0, I).
+
+    Estimates the softmax kernel exp(x . y), unbiased. One-sample variance
+    Var1 = exp(2 x.y) (exp(|x + y|^2) - 1) (Choromanski et al., ICLR 2021, Lemma 1 and 2).
+    """
+
+    name = "posrf"
+    description = "positive random features (FAVOR+)"
+    reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
+
+    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+        return x @ draw.W.T - 0.5 * sq_norm(x), None
+
+
+class HypRF(FeatureMap):
+    """SM^hyp+: f = 2^-1/2 exp(-|x|^2 / 2) [exp(omega . x), exp(-omega . x)], 2 features per omega.
+
+    Estimates exp(x . y), unbiased; the antithetic pair (omega, -omega) of PosRF.
+    Var1 = 1/2 exp(-|x|^2 - |y|^2) (exp(|x + y|^2) - 1)^2 (Choromanski et al., ICLR 2021, Lemma 1/2).
+    """
+
+    name = "hyprf"
+    per_omega = 2
+    description = "hyperbolic positive random features (antithetic PosRF)"
+    reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
+
+    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+        wx = x @ draw.W.T
+        base = -0.5 * sq_norm(x) - 0.5 * math.log(2.0)  # 1/2 averages the antithetic pair
+        return torch.cat([wx, -wx], dim=-1) + base, None
