@@ -26,6 +26,7 @@ FEATURE_MAPS: dict[str, str] = {
     "geomrf": "rfbench.features.discrete:GeomRF",
     "dark": "rfbench.features.dark:DARK",
     "darkis": "rfbench.features.dark:DARKIS",
+    "darkl": "rfbench.features.dark_learned:DARKLearned",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {
@@ -44,6 +45,7 @@ WEIGHT_MATRICES: dict[str, str] = {
     "gq": "rfbench.weights.quadrature:GridQuadrature",
     "simrf": "rfbench.weights.simplex:SimRF",
     "simrfplus": "rfbench.weights.simplex:SimRFPlus",
+    "fastfoodl": "rfbench.weights.learned:FastFoodL",
 }
 
 
