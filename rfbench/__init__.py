@@ -28,9 +28,11 @@ __all__ = [
 def __getattr__(name):
     # Heavier parts load on first use, so `import rfbench` stays quick.
     if name == "theory":
-        from rfbench import theory
+        # import_module, not `from rfbench import theory`: the latter looks the name up on this
+        # package first, which calls this __getattr__ again (infinite recursion).
+        import importlib
 
-        return theory
+        return importlib.import_module("rfbench.theory")
     if name == "run_suite":
         from rfbench.suite.runner import run_suite
 

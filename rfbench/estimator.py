@@ -13,6 +13,10 @@ Stabilisers used (each exact):
   the Spectraformer code, ALGORITHMS.md section 0a).
 - causal attention uses the prefix max over keys s <= t as query t's key constant, so no
   output depends on a future token, not even through rounding or underflow.
+- ``kernel()`` normalises nothing, so it uses a per-key constant too and puts both constants
+  back in log space (exact): another key's large features cannot underflow a key's, and
+  exp(mq + mk) cannot overflow on its own. A pair whose dominant term lies ~e^-87 below both
+  maxima still underflows in float32.
 """
 
 from __future__ import annotations
@@ -180,12 +184,14 @@ class Estimator:
         out = torch.exp(log_mag)
         return out if factor is None else out * factor
 
-    def _stable_features(self, q, k, params, causal=False):
+    def _stable_features(self, q, k, params, causal=False, per_key=False):
         """Query and key features with the exact stabilisers of the module docstring."""
         lq, fq = self.log_features(q, params, is_query=True)
         lk, fk = self.log_features(k, params, is_query=False)
         mq = lq.amax(dim=-1, keepdim=True)  # per-query constant: cancels in its own row
-        if causal:
+        if per_key:
+            mk = lk.amax(dim=-1, keepdim=True)  # kernel() only: each entry gets its own constants back
+        elif causal:
             mk = torch.cummax(lk.amax(dim=-1), dim=-1).values.unsqueeze(-1)  # prefix max, [..., L, 1]
         else:
             mk = lk.amax(dim=(-2, -1), keepdim=True)  # one constant shared by all keys
@@ -202,8 +208,10 @@ class Estimator:
         """Estimate of the target kernel for all pairs: ``[..., Lq, Lk]``, on the true scale."""
         check_qkv(q, k, dim=self.dim)
         q, k = self._cast(q), self._cast(k)
-        Q, mq, K, mk = self._stable_features(q, k, self._params(q, k, 1.0))
-        return (Q @ K.transpose(-1, -2)) * torch.exp(mq + mk.transpose(-1, -2))
+        Q, mq, K, mk = self._stable_features(q, k, self._params(q, k, 1.0), per_key=True)
+        P = Q @ K.transpose(-1, -2)
+        # Constants go back in log space: exp(mq + mk) alone can overflow where the estimate does not.
+        return torch.sign(P) * torch.exp(torch.log(P.abs()) + (mq + mk.transpose(-1, -2)))
 
     def attention(
         self,
@@ -222,11 +230,18 @@ class Estimator:
         With ``causal`` (needs Lq == Lk), output t depends on tokens s <= t only.
         """
         check_qkv(q, k, v, dim=self.dim)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+            raise EstimatorError(f"chunk must be a positive integer (tokens per causal block), got {chunk!r}")
         if causal and q.shape[-2] != k.shape[-2]:
             raise EstimatorError(
                 f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
             )
         scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
+        if q.is_cuda:  # fused Triton kernels where they serve this case (same math: rfbench/ops)
+            from rfbench import ops
+
+            if not ops.attention_reasons(self, q, k, v, causal):
+                return ops.estimator_attention(self, q, k, v, causal, scale=scale)
         s = math.sqrt(scale)
         qs, ks = self._cast(q) * s, self._cast(k) * s
         vc = self._cast(v)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from rfbench._checks import check_qkv
+from rfbench.errors import DataError
 
 
 def kernel(q: torch.Tensor, k: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -60,6 +61,11 @@ def attention(
     dt = dtype or torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     q, k, v = q.to(dt) * scale, k.to(dt), v.to(dt)
     Lq, Lk = q.shape[-2], k.shape[-2]
+    if causal and Lq > Lk:
+        raise DataError(
+            f"causal attention aligns queries to the end of the keys; Lq={Lq} > Lk={Lk} would leave the "
+            f"first {Lq - Lk} queries with no key to attend to"
+        )
     offset = Lk - Lq
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = torch.empty(*lead, Lq, v.shape[-1], dtype=dt, device=q.device)
