@@ -1,0 +1,444 @@
+"""Saving and loading captured queries, keys and values, safely.
+
+A capture file holds three tensors, each ``[n_layers, n_heads, L, d]`` (v may have its own last
+dim ``dv``), plus the model's layer and head indices they came from, the attention's own scale
+(1/sqrt(d) for BERT, Llama, GPT-2) and free-form string metadata.
+
+Formats (chosen by the file's suffix):
+
+- ``.safetensors`` (preferred, what ``save_capture`` writes): tensors ``q``, ``k``, ``v``; the
+  header's string metadata holds ``format``, ``layers`` and ``heads`` (JSON lists), ``scale``
+  and every ``meta`` entry under its own name.
+- ``.npz``: arrays ``q``, ``k``, ``v`` and optionally ``layers``, ``heads`` (integer arrays),
+  ``scale`` (a 0-d float array) and ``meta`` (a 0-d unicode array holding a JSON object).
+  Read with ``allow_pickle=False``.
+- ``.pt``: a dict with the same keys (tensors, lists, a float and a dict of strings), read with
+  ``torch.load(weights_only=True)``.
+
+``.npz`` and ``.pt`` files may also hold ``[L, d]`` (one layer, one head) or ``[H, L, d]`` (one
+layer) arrays. Nothing is ever unpickled: a file that needs pickle to load raises DataError.
+Every load validates dtype, finiteness, shapes and keys, and names the file in its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle  # only for its error type: nothing here unpickles
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rfbench.errors import DataError
+
+FORMAT = "rfbench-capture/1"
+TENSOR_KEYS = ("q", "k", "v")
+#: Header keys of a safetensors capture that are not free-form metadata.
+RESERVED_META = ("format", "layers", "heads", "scale")
+OPTIONAL_KEYS = ("layers", "heads", "scale", "meta")
+SUFFIXES = (".safetensors", ".npz", ".pt")
+BUNDLED_NAME = "minilm-l6.safetensors"
+
+
+@dataclasses.dataclass
+class Capture:
+    """Queries, keys and values of some layers and heads of one model on one token stream.
+
+    Attributes:
+        q, k: ``[n_layers, n_heads, L, d]`` as the attention sees them (after the head split and
+            any rotary embedding, before the scale).
+        v: ``[n_layers, n_heads, L, dv]``.
+        layers: the model's layer index of each entry of axis 0.
+        heads: the model's (query) head index of each entry of axis 1.
+        scale: the attention's own logit scale (softmax(q k^T * scale)).
+        meta: strings: model, token count, text digest, dtype, command, ...
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layers: list[int]
+    heads: list[int]
+    scale: float
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q.shape[-2])
+
+    @property
+    def dim(self) -> int:
+        return int(self.q.shape[-1])
+
+    def select(
+        self,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+    ) -> Capture:
+        """The sub-capture of the given model layer/head indices and the first ``max_tokens`` tokens."""
+        li = _positions("layer", layers, self.layers)
+        hi = _positions("head", heads, self.heads)
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+                raise DataError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        n = self.num_tokens if max_tokens is None else min(max_tokens, self.num_tokens)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x[li][:, hi][:, :, :n].contiguous()
+
+        meta = dict(self.meta)
+        if n != self.num_tokens:
+            meta["tokens"] = str(n)
+        return Capture(
+            q=pick(self.q), k=pick(self.k), v=pick(self.v),
+            layers=[self.layers[i] for i in li], heads=[self.heads[i] for i in hi],
+            scale=self.scale, meta=meta,
+        )
+
+    def to(self, dtype: torch.dtype) -> Capture:
+        """The same capture with its tensors cast to ``dtype``."""
+        return dataclasses.replace(self, q=self.q.to(dtype), k=self.k.to(dtype), v=self.v.to(dtype))
+
+
+def _positions(what: str, wanted: Sequence[int] | None, available: list[int]) -> list[int]:
+    if wanted is None:
+        return list(range(len(available)))
+    if isinstance(wanted, int):
+        wanted = [wanted]
+    out = []
+    for w in wanted:
+        if isinstance(w, bool) or not isinstance(w, int) or w not in available:
+            raise DataError(
+                f"{what} {w!r} is not in this capture; available {what}s: {_ranges(available)}"
+            )
+        out.append(available.index(w))
+    if not out:
+        raise DataError(f"no {what}s selected; available {what}s: {_ranges(available)}")
+    return out
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (for error messages)."""
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
+# --------------------------------------------------------------------------- validation
+def validate(capture: Capture, source: str = "capture") -> Capture:
+    """Check dtypes, finiteness and shapes; raise DataError naming ``source`` and the problem."""
+    for name in TENSOR_KEYS:
+        x = getattr(capture, name)
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"{source}: {name} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise DataError(f"{source}: {name} has dtype {x.dtype}; a capture holds floating-point values")
+        if x.ndim != 4:
+            raise DataError(
+                f"{source}: {name} must have shape [n_layers, n_heads, L, d], got {tuple(x.shape)}"
+            )
+        if x.shape[-2] == 0 or x.shape[-1] == 0 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise DataError(f"{source}: {name} is empty, shape {tuple(x.shape)}")
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise DataError(f"{source}: {name} contains {bad} NaN/Inf value(s)")
+    q, k, v = capture.q, capture.k, capture.v
+    if q.shape != k.shape:
+        raise DataError(
+            f"{source}: q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if v.shape[:-1] != q.shape[:-1]:
+        raise DataError(
+            f"{source}: v must match q in [n_layers, n_heads, L], "
+            f"got v {tuple(v.shape)} and q {tuple(q.shape)}"
+        )
+    for what, idx, size in (("layers", capture.layers, q.shape[0]), ("heads", capture.heads, q.shape[1])):
+        if len(idx) != size or len(set(idx)) != len(idx) or any(int(i) < 0 for i in idx):
+            raise DataError(
+                f"{source}: {what} must list {size} distinct non-negative indices "
+                f"(one per entry of that axis), got {list(idx)}"
+            )
+    scale = capture.scale
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale) and scale > 0):
+        raise DataError(f"{source}: scale must be a finite positive float, got {capture.scale!r}")
+    for key, value in capture.meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise DataError(f"{source}: meta must map strings to strings, got {key!r}: {value!r}")
+    return capture
+
+
+# --------------------------------------------------------------------------- saving
+def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
+    """Write ``capture`` to ``path`` (.safetensors, .npz or .pt), atomically; return the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    validate(capture, "capture to save")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    clash = sorted(set(capture.meta) & set(RESERVED_META))
+    if clash:
+        raise DataError(f"meta keys {clash} are reserved ({', '.join(RESERVED_META)}); rename them")
+    tensors = {name: getattr(capture, name).detach().cpu().contiguous() for name in TENSOR_KEYS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a killed save never leaves a half-written capture.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            header = {
+                "format": FORMAT,
+                "layers": json.dumps([int(i) for i in capture.layers]),
+                "heads": json.dumps([int(i) for i in capture.heads]),
+                "scale": repr(float(capture.scale)),
+                **capture.meta,
+            }
+            save_file(tensors, tmp, metadata=header)
+        elif suffix == ".npz":
+            if any(t.dtype == torch.bfloat16 for t in tensors.values()):
+                raise DataError(f"{path}: numpy has no bfloat16; save as .safetensors or cast to float16/32")
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f, **{n: t.numpy() for n, t in tensors.items()},
+                    layers=np.asarray(capture.layers, dtype=np.int64),
+                    heads=np.asarray(capture.heads, dtype=np.int64),
+                    scale=np.asarray(float(capture.scale)),
+                    meta=np.asarray(json.dumps(capture.meta)),
+                )
+        else:
+            torch.save(
+                {**tensors, "layers": list(capture.layers), "heads": list(capture.heads),
+                 "scale": float(capture.scale), "meta": dict(capture.meta)},
+                tmp,
+            )
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+def load_capture(path: str | os.PathLike) -> Capture:
+    """Read and validate a capture (.safetensors, .npz or .pt); "bundled" names the bundled one.
+
+    Raises DataError naming the file and the problem when it is missing, broken, truncated,
+    would need pickle, or holds the wrong keys, dtypes, shapes or non-finite values.
+    """
+    if str(path) == "bundled":
+        path = bundled_capture_path()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    elif suffix == ".npz":
+        raw = _read_npz(path)
+    elif suffix == ".pt":
+        raw = _read_pt(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    return validate(_assemble(raw, path), str(path))
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            names = list(f.keys())
+            _check_keys(path, names, allowed=TENSOR_KEYS)
+            tensors = {n: f.get_tensor(n) for n in names}
+    except DataError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for broken headers/buffers
+        raise DataError(f"{path}: not a readable safetensors file ({_short(exc)})") from None
+    raw: dict = dict(tensors)
+    if header.get("format", FORMAT) != FORMAT:
+        raise DataError(f"{path}: unknown capture format {header['format']!r}; expected {FORMAT!r}")
+    for key in ("layers", "heads"):
+        if key in header:
+            try:
+                raw[key] = json.loads(header[key])
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: metadata {key!r} is not a JSON list: {header[key]!r}") from None
+    if "scale" in header:
+        try:
+            raw["scale"] = float(header["scale"])
+        except ValueError:
+            raise DataError(f"{path}: metadata 'scale' is not a number: {header['scale']!r}") from None
+    raw["meta"] = {k: v for k, v in header.items() if k not in RESERVED_META}
+    return raw
+
+
+def _read_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            _check_keys(path, z.files, allowed=TENSOR_KEYS + OPTIONAL_KEYS)
+            arrays = {name: z[name] for name in z.files}
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(
+                f"{path}: holds object arrays that need pickle to load, which rfbench never does; "
+                "save plain numeric arrays"
+            ) from None
+        raise DataError(f"{path}: not a readable .npz file ({_short(exc)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_short(exc)})") from None
+    raw: dict = {}
+    for name, a in arrays.items():
+        if name in TENSOR_KEYS:
+            if a.dtype.kind not in "f":
+                raise DataError(f"{path}: {name} has dtype {a.dtype}; a capture holds floating-point values")
+            raw[name] = torch.from_numpy(np.ascontiguousarray(a))
+        elif name in ("layers", "heads"):
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise DataError(f"{path}: {name} must be a 1-d integer array, got {a.dtype} {a.shape}")
+            raw[name] = [int(i) for i in a]
+        elif name == "scale":
+            if a.size != 1 or a.dtype.kind != "f":
+                raise DataError(f"{path}: scale must be one float, got {a.dtype} {a.shape}")
+            raw[name] = float(a.reshape(()))
+        else:  # meta
+            if a.dtype.kind != "U" or a.size != 1:
+                raise DataError(
+                    f"{path}: meta must be one string holding a JSON object, got {a.dtype} {a.shape}"
+                )
+            raw[name] = _json_meta(path, str(a.reshape(())))
+    return raw
+
+
+def _read_pt(path: Path) -> dict:
+    try:
+        # weights_only: a restricted unpickler that builds only tensors and plain containers and
+        # refuses any other class, so no code in the file can run.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = _short(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            raise DataError(
+                f"{path}: holds objects other than tensors and plain containers, which rfbench will not "
+                "unpickle; save a dict of tensors (q, k, v), lists of ints, a float and a dict of strings"
+            ) from None
+        raise DataError(f"{path}: not a readable .pt file ({text})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: must hold a dict with keys q, k, v; got {type(obj).__name__}")
+    _check_keys(path, list(obj), allowed=TENSOR_KEYS + OPTIONAL_KEYS)
+    raw: dict = {}
+    for name, value in obj.items():
+        if name in TENSOR_KEYS:
+            if not isinstance(value, torch.Tensor):
+                raise DataError(f"{path}: {name} must be a tensor, got {type(value).__name__}")
+            raw[name] = value
+        elif name in ("layers", "heads"):
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in value
+            ):
+                raise DataError(f"{path}: {name} must be a list of ints, got {value!r}")
+            raw[name] = [int(i) for i in value]
+        elif name == "scale":
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"{path}: scale must be a float, got {value!r}")
+            raw[name] = float(value)
+        else:
+            if not isinstance(value, dict) or not all(
+                isinstance(a, str) and isinstance(b, str) for a, b in value.items()
+            ):
+                raise DataError(f"{path}: meta must be a dict of strings to strings")
+            raw[name] = dict(value)
+    return raw
+
+
+def _check_keys(path: Path, names, allowed: tuple[str, ...]) -> None:
+    missing = [n for n in TENSOR_KEYS if n not in names]
+    unknown = sorted(set(names) - set(allowed))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unknown:
+            parts.append(f"unexpected {unknown}")
+        raise DataError(
+            f"{path}: {' and '.join(parts)}; a capture holds tensors q, k, v "
+            f"[n_layers, n_heads, L, d]" + (f" and optionally {', '.join(OPTIONAL_KEYS)}"
+                                            if len(allowed) > len(TENSOR_KEYS) else "")
+        )
+
+
+def _json_meta(path: Path, text: str) -> dict[str, str]:
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: meta is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: meta must be a JSON object of strings")
+    return meta
+
+
+def _assemble(raw: dict, path: Path) -> Capture:
+    """Bring [L, d] / [H, L, d] arrays to [n_layers, n_heads, L, d]; fill default indices and scale."""
+    tensors = {}
+    for name in TENSOR_KEYS:
+        x = raw[name]
+        if x.ndim in (2, 3) and path.suffix.lower() != ".safetensors":
+            x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+        tensors[name] = x
+    q = tensors["q"]
+    meta = {str(k): v for k, v in raw.get("meta", {}).items()}
+    if q.ndim == 4:
+        layers = raw.get("layers", list(range(q.shape[0])))
+        heads = raw.get("heads", list(range(q.shape[1])))
+    else:
+        layers, heads = [], []  # validate() reports the shape
+    if "scale" in raw:
+        scale = raw["scale"]
+    else:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.ndim >= 1 and q.shape[-1] > 0 else float("nan")
+        meta.setdefault("scale_source", "default 1/sqrt(d): the file gave no scale")
+    return Capture(q=tensors["q"], k=tensors["k"], v=tensors["v"], layers=list(layers),
+                   heads=list(heads), scale=float(scale), meta=meta)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+# --------------------------------------------------------------------------- bundled sample
+def bundled_capture_path() -> Path:
+    """Path of the capture shipped with rfbench (MiniLM-L6 on a CC0 text; see samples/README.md)."""
+    return Path(__file__).resolve().parent / "samples" / BUNDLED_NAME
+
+
+def load_bundled() -> Capture:
+    """The bundled MiniLM-L6 capture (float16 tensors; cast with ``.to(torch.float32)``)."""
+    path = bundled_capture_path()
+    if not path.is_file():
+        raise DataError(f"the bundled capture is missing at {path}; reinstall rfbench")
+    return load_capture(path)
