@@ -43,10 +43,11 @@ class WeightMatrix:
     """
 
     name: ClassVar[str] = ""
-    #: True when each row's marginal is N(0, I_d), so every Gaussian-based feature map stays
-    #: unbiased with it. Couplings between rows (orthogonality, simplex) keep this True.
+    #: True when the rows stand in for N(0, I) draws, so Gaussian-based feature maps may use
+    #: them (possibly biased, e.g. fixed-norm rows); False for samplers of other distributions.
     gaussian_marginal: ClassVar[bool] = True
-    #: True when the draw gives an unbiased estimate of E_omega[f1 f2] with omega ~ N(0, I).
+    #: True when each row's marginal is exactly N(0, I_d), so the estimate of E_omega[f1 f2] stays
+    #: unbiased. Couplings between rows (orthogonality, simplex) keep this True.
     unbiased: ClassVar[bool] = True
     #: True when rows are coupled (not independent): MSE is no longer Var1 / m.
     coupled: ClassVar[bool] = False
