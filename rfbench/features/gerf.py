@@ -1,0 +1,175 @@
+"""Generalised exponential random features (GERF) and the optimal positive RF (OPRF, FAVOR++).
+
+Chefs' Random Tables (CRT; Likhosherstov, Choromanski, Dubey, Liu, Sarlos, Weller, NeurIPS 2022,
+arXiv 2205.15317), section 3. With omega ~ N(0, I_d), s in {-1, +1} and a real A:
+
+    f1(omega, x) = D exp(A |omega|^2 + B omega . x + C |x|^2)
+    f2(omega, y) = D exp(A |omega|^2 + s B omega . y + C |y|^2)
+
+For the softmax kernel exp(x . y) (ALGORITHMS.md 1.5, derived): B = sqrt(s (1 - 4A)),
+C = -s/2 and D = (1 - 4A)^(d/4). C = -(s + 1)/2 is the *Gaussian*-kernel constant; using it
+for softmax multiplies every key by exp(-|k|^2/2) (the Spectraformer defect of section 0a).
+
+E[(f1 f2)^2] involves E exp(4A |omega|^2) = (1 - 8A)^(-d/2), finite only for A < 1/8: for
+1/8 <= A < 1/4 the estimate is unbiased but its variance is infinite, so A >= 1/8 is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from rfbench.errors import EstimatorError
+from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.weights.base import WeightDraw
+
+#: Default A of ``gerf``: the OPRF optimum A*(rho) at rho = mean |x + y|^2 / d = 3/20 (solve
+#: 16A^2 - (2 - 4 rho) A - rho = 0 at A = -1/16). Negative, so features are bounded in omega (the
+#: point of GERF over PosRF, A = 0), and far from the 1/8 pole. Fit A to the data with ``oprf``.
+GERF_DEFAULT_A = -0.0625
+
+
+def check_A(value, owner: str) -> float:
+    """``value`` as a float A < 1/8; EstimatorError (saying why) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise EstimatorError(f"{owner}: A must be a finite real number below 1/8, got {value!r}")
+    if value >= 0.125:
+        raise EstimatorError(
+            f"{owner}: A={value!r} >= 1/8 gives an infinite-variance estimator "
+            "(E[(f1 f2)^2] contains E exp(4A|omega|^2) = (1 - 8A)^(-d/2), finite only for A < 1/8); "
+            "choose A < 1/8 (A <= 0 keeps the features bounded), or use 'oprf' to fit A"
+        )
+    return float(value)
+
+
+def oprf_a_star(rho: torch.Tensor) -> torch.Tensor:
+    """Variance-minimising GERF A for rho = |x + y|^2 / d (CRT, OPRF; ALGORITHMS.md 1.6).
+
+    A* = (1/16)(1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)), the negative root of
+    16 A^2 - (2 - 4 rho) A - rho = 0 (the stationarity condition of the GERF variance). Evaluated
+    as -rho / (1 - 2 rho + sqrt(...)): the same number without the cancellation of 1 - sqrt(...)
+    at small rho (the denominator is > 0 for every rho >= 0). A* <= 0, A*(0) = 0.
+    """
+    return -rho / (1 - 2 * rho + torch.sqrt((2 * rho + 1) ** 2 + 8 * rho))
+
+
+def mean_pair_sq_norm(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mean over all Lq x Lk pairs of |q_i + k_j|^2, in O(L d): ``[..., 1, 1]``.
+
+    mean |q_i + k_j|^2 = mean |q_i|^2 + mean |k_j|^2 + 2 (mean q) . (mean k) (CRT homogeneity
+    heuristic, ALGORITHMS.md 1.6), per leading index (batch element, head).
+    """
+    cross = (q.mean(dim=-2, keepdim=True) * k.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True)
+    phi = sq_norm(q).mean(dim=-2, keepdim=True) + sq_norm(k).mean(dim=-2, keepdim=True) + 2 * cross
+    return phi.clamp(min=0.0)  # a mean of squares; the expansion can round below 0 when q ~ -k
+
+
+def _as_A(A, x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(A, dtype=x.dtype, device=x.device)
+
+
+def gerf_log_features(x: torch.Tensor, W: torch.Tensor, A) -> torch.Tensor:
+    """log f(omega_i, x) of the s = +1 softmax GERF: ``[..., L, m]``.
+
+    x ``[..., L, d]``, W ``[m, d]``, A a float or ``[..., 1, 1]`` (one per leading index).
+    log f = A |omega|^2 + sqrt(1 - 4A) omega . x - |x|^2 / 2 + (d/4) log(1 - 4A).
+    """
+    A = _as_A(A, x)
+    d = x.shape[-1]
+    return (
+        A * (W * W).sum(dim=-1)
+        + torch.sqrt(1 - 4 * A) * (x @ W.T)
+        - 0.5 * sq_norm(x)
+        + 0.25 * d * torch.log1p(-4 * A)
+    )
+
+
+class GERF(FeatureMap):
+    """GERF with s = +1 and a fixed real A < 1/8 (positive features; A = 0 is PosRF).
+
+    f(omega, x) = (1 - 4A)^(d/4) exp(A |omega|^2 + sqrt(1 - 4A) omega . x - |x|^2 / 2), the same
+    map on both sides. Unbiased for exp(x . y) for every A < 1/4. One-sample variance
+    (ALGORITHMS.md 1.5, derived and checked by Monte Carlo in tests/test_theory.py):
+        Var1 = (1 - 4A)^d (1 - 8A)^(-d/2) exp(2 (1 - 4A) |x + y|^2 / (1 - 8A) - |x|^2 - |y|^2) - e^(2 x.y)
+             = e^(2 x.y) expm1(d log(1 - 4A) - (d/2) log(1 - 8A) + |x + y|^2 / (1 - 8A)).
+
+    Parameters: A (default -1/16, the OPRF optimum at rho = 3/20; see ``GERF_DEFAULT_A``).
+    """
+
+    name = "gerf"
+    description = "generalised exponential random features, s=+1, fixed A (CRT)"
+    reference = "Likhosherstov et al., Chefs' Random Tables, NeurIPS 2022 (arXiv 2205.15317), Sec. 3 (GERF)"
+    defaults = {"A": GERF_DEFAULT_A}
+
+    def _validate(self) -> None:
+        self.params["A"] = check_A(self.params["A"], self.name)
+
+    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+        return gerf_log_features(x, draw.W, self.params["A"]), None
+
+
+class GERFTrig(FeatureMap):
+    """GERF with s = -1 and a real A < 1/8, in real cos/sin form (A = 0 is TrigRF).
+
+    With s = -1: B = i sqrt(1 - 4A) =: i b, C = +1/2, D = (1 - 4A)^(d/4), and the complex pair
+    f1 f2 = D^2 exp(2A |omega|^2 + i b omega . (x - y) + (|x|^2 + |y|^2) / 2) has mean exp(x . y).
+    Its real part is an unbiased real estimate, and it factorises over two real features:
+        g(omega, x) = D exp(A |omega|^2 + |x|^2 / 2) [cos(b omega . x), sin(b omega . x)],
+        g(x) . g(y) = D^2 exp(2A |omega|^2 + (|x|^2 + |y|^2) / 2) cos(b omega . (x - y)).
+    One-sample variance (derived here; Monte-Carlo check in tests/test_theory.py), z = x - y,
+    c = (1 - 4A)^d (1 - 8A)^(-d/2):
+        E[P^2] = c/2 e^(|x|^2 + |y|^2) (1 + exp(-2 (1 - 4A) |z|^2 / (1 - 8A)))
+        Var1 = e^(2 x.y) / 2 (expm1(log c + |z|^2) + expm1(log c - |z|^2 / (1 - 8A))).
+    At A = 0 this is TrigRF's Var1. The variance-optimal A depends on the pair, is positive and
+    O(1/d): about |z|^2 e^(-2|z|^2) / (2d (1 + e^(-2|z|^2))) <= 0.07/d (second-order expansion,
+    checked against a grid), so no fixed A helps every pair and the default is A = 0.
+
+    Parameters: A (default 0.0).
+    """
+
+    name = "gerftrig"
+    per_omega = 2
+    positive = False
+    description = "generalised exponential random features, s=-1 (trigonometric branch), real A (CRT)"
+    reference = (
+        "Likhosherstov et al., Chefs' Random Tables, NeurIPS 2022 (arXiv 2205.15317), Sec. 3 (GERF, s=-1)"
+    )
+    defaults = {"A": 0.0}
+
+    def _validate(self) -> None:
+        self.params["A"] = check_A(self.params["A"], self.name)
+
+    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+        A = self.params["A"]
+        W = draw.W
+        d = x.shape[-1]
+        wx = math.sqrt(1 - 4 * A) * (x @ W.T)  # [..., L, m]
+        base = A * (W * W).sum(dim=-1) + 0.5 * sq_norm(x) + 0.25 * d * math.log1p(-4 * A)
+        return torch.cat([base, base], dim=-1), torch.cat([torch.cos(wx), torch.sin(wx)], dim=-1)
+
+
+class OPRF(FeatureMap):
+    """Optimal positive random features (FAVOR++): GERF s = +1 with A = A*(rho) fitted to the data.
+
+    rho = phi / d, phi = the mean of |q_i + k_j|^2 over all Lq x Lk query-key pairs, computed in
+    O(L d) per leading index (CRT homogeneity heuristic; ALGORITHMS.md 1.6), and
+    A* = (1/16)(1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)) <= 0 (``oprf_a_star``), the exact
+    minimiser of the GERF Var1 for a pair with |x + y|^2 = phi. Positive and bounded features;
+    unbiased given A (A depends on the data, not on omega).
+    """
+
+    name = "oprf"
+    data_dependent = True
+    description = "optimal positive random features (FAVOR++): GERF with data-fitted A*"
+    reference = "Likhosherstov et al., Chefs' Random Tables, NeurIPS 2022 (arXiv 2205.15317), OPRF"
+
+    def fit_params(self, q: torch.Tensor, k: torch.Tensor) -> Params:
+        """``{"A": [..., 1, 1]}``, A* for the pair-averaged |q_i + k_j|^2."""
+        return {"A": oprf_a_star(mean_pair_sq_norm(q, k) / q.shape[-1])}
+
+    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+        if "A" not in params:
+            raise EstimatorError("oprf needs its fitted A: call est.fit(q, k) first")
+        return gerf_log_features(x, draw.W, params["A"]), None
