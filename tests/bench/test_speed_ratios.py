@@ -1,0 +1,133 @@
+"""Machine-independent speed regression check (runs in .ci/run).
+
+Two implementations of one computation are timed side by side in one process (interleaved
+repeats, medians), and their ratio is held to a committed bound (tests/bench/speed_bounds.toml):
+a regression fails whatever the runner's speed. Correctness first: each check compares the
+two outputs before timing them (no speed number without a green check of the same path).
+
+- CPU (no GPU in CI; the Triton interpreter says nothing about speed): rfbench's own torch
+  paths, i.e. Estimator.attention (linear) against the quadratic materialised reference, and
+  the tiled kernel error against the dense one (time and peak memory).
+- GPU (marker gpu): each Triton kernel against its torch reference.
+
+Each check prints its ratio (run with -s) so bounds can be retuned from real runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rfbench as rb
+from rfbench import ops
+from rfbench.ops.params import from_estimator
+from rfbench.ops.testing import ATTENTION_TOL, assert_close
+
+
+def _qkv(L, d, dtype=torch.float32, device="cpu", heads=(1, 1), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*heads, L, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def _report(name, res, bound):
+    print(f"\n{name}: fast {res['fast_s'] * 1e3:.2f} ms, slow {res['slow_s'] * 1e3:.2f} ms, "
+          f"ratio {res['ratio']:.3f} (bound {bound})")
+
+
+def _peak_rss_bytes(fn) -> int:
+    """Extra peak resident memory of ``fn()`` in bytes (Linux: VmHWM reset by /proc/self/clear_refs)."""
+    def read(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS to the current RSS
+    base = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - base
+
+
+@pytest.mark.parametrize("key,causal", [("attention", False), ("attention_causal", True)])
+def test_cpu_linear_attention_beats_quadratic_reference(key, causal, speed_bounds, timing):
+    cfg = speed_bounds["cpu"][key]
+    d = m = 64
+    est = rb.make_estimator("posrf-iid", dim=d, num_features=m, seed=0)
+    fp = from_estimator(est, {}, d**-0.5)
+    q, k, v = _qkv(cfg["L"], d)
+    fast = lambda: est.attention(q, k, v, causal)  # noqa: E731
+    slow = lambda: ops.naive_rf_attention(q, k, v, fp, causal)  # noqa: E731
+    assert_close(key, slow(), fast(), ATTENTION_TOL[torch.float32])
+    with timing.torch_threads(1):
+        res = timing.side_by_side(fast, slow, cfg["repeats"])
+    _report(f"cpu.{key}", res, cfg["max_ratio"])
+    assert res["ratio"] <= cfg["max_ratio"], (
+        f"Estimator.attention (causal={causal}) took {res['ratio']:.2f}x the time of the quadratic "
+        f"reference (bound {cfg['max_ratio']}); was the linear path replaced? {res}"
+    )
+
+
+def test_cpu_tiled_kernel_error_beats_dense(speed_bounds, timing):
+    cfg = speed_bounds["cpu"]["kernel_error"]
+    d = m = 64
+    fp = from_estimator(rb.make_estimator("posrf-iid", dim=d, num_features=m, seed=0))
+
+    def pair(L):
+        q, k, _ = _qkv(L, d)
+        q, k = q * d**-0.25, k * d**-0.25
+        fast = lambda: ops.kernel_error(q, k, fp, backend="torch", tile=cfg["tile"])  # noqa: E731
+        slow = lambda: ops.naive_kernel_error(q, k, fp)  # noqa: E731
+        return fast, slow
+
+    fast, slow = pair(cfg["L"])
+    torch.testing.assert_close(fast().sse, slow().sse, rtol=1e-4, atol=0)
+    with timing.torch_threads(1):
+        res = timing.side_by_side(fast, slow, cfg["repeats"])
+        fast, slow = pair(cfg["memory_L"])
+        mem_dense = _peak_rss_bytes(slow)
+        mem_tiled = _peak_rss_bytes(fast)
+    _report("cpu.kernel_error", res, cfg["max_ratio"])
+    mem_ratio = mem_tiled / mem_dense
+    print(f"cpu.kernel_error memory: tiled {mem_tiled / 2**20:.1f} MiB, dense {mem_dense / 2**20:.1f} MiB, "
+          f"ratio {mem_ratio:.3f} (bound {cfg['max_memory_ratio']})")
+    assert res["ratio"] <= cfg["max_ratio"], f"tiled kernel error slower than the dense one: {res}"
+    assert mem_dense > 128 * 2**20, "the dense reference holds [L, L] matrices: is the measurement broken?"
+    assert mem_ratio <= cfg["max_memory_ratio"], (
+        f"tiled kernel error used {mem_ratio:.2f}x the memory of the dense one "
+        f"(bound {cfg['max_memory_ratio']})"
+    )
+
+
+# ----------------------------------------------------------------------------- GPU: Triton vs torch
+@pytest.mark.gpu
+@pytest.mark.parametrize("key,causal", [("attention", False), ("attention_causal", True)])
+def test_gpu_fused_attention_beats_torch(key, causal, speed_bounds, timing):
+    cfg = speed_bounds["gpu"][key]
+    dtype = getattr(torch, cfg["dtype"])
+    d = m = 64
+    est = rb.make_estimator("posrf-orf", dim=d, num_features=4 * m)
+    fp = from_estimator(est, {}, d**-0.5).to(device="cuda")
+    q, k, v = _qkv(cfg["L"], d, dtype, "cuda", heads=(1, 8))
+    fast = lambda: ops.rf_attention(q, k, v, fp, causal, backend="triton")  # noqa: E731
+    slow = lambda: ops.torch_rf_attention(q, k, v, fp, causal)  # noqa: E731
+    assert_close(key, slow(), fast().float(), ATTENTION_TOL[dtype])
+    res = timing.side_by_side(fast, slow, cfg["repeats"], timer=timing.cuda_time)
+    _report(f"gpu.{key}", res, cfg["max_ratio"])
+    assert res["ratio"] <= cfg["max_ratio"], res
+
+
+@pytest.mark.gpu
+def test_gpu_fused_kernel_error_beats_torch(speed_bounds, timing):
+    cfg = speed_bounds["gpu"]["kernel_error"]
+    d = 64
+    fp = from_estimator(rb.make_estimator("posrf-orf", dim=d, num_features=256)).to(device="cuda")
+    q, k, _ = _qkv(cfg["L"], d, torch.float32, "cuda", heads=(1, 8))
+    q, k = q * d**-0.25, k * d**-0.25
+    fast = lambda: ops.kernel_error(q, k, fp, backend="triton")  # noqa: E731
+    slow = lambda: ops.kernel_error(q, k, fp, backend="torch", tile=1024)  # noqa: E731
+    torch.testing.assert_close(fast().sse, slow().sse, rtol=2e-2, atol=0)
+    res = timing.side_by_side(fast, slow, cfg["repeats"], timer=timing.cuda_time)
+    _report("gpu.kernel_error", res, cfg["max_ratio"])
+    assert res["ratio"] <= cfg["max_ratio"], res
