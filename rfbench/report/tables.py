@@ -1,0 +1,272 @@
+"""Tables of a results folder: ranked leaderboards and the failures list, as Markdown, LaTeX, HTML.
+
+A leaderboard ranks the estimators of one data source at one (L, m) slice by their mean error
+(kernel relative MSE, else output error, else time), shows mean ± 95% CI half-width over seeds
+for every metric, and keeps cells that failed or were skipped, with their reason, below the
+ranked ones. The exact-attention baselines of the same slice follow as references.
+
+    tables = build_tables(run)
+    to_markdown(tables[0]); to_latex(tables[0]); to_html(tables[0])
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rfbench.report import (
+    METRICS,
+    STATUSES,
+    Run,
+    baselines_for,
+    describe_slice,
+    has_metric,
+    pick_slice,
+    value_columns,
+)
+
+#: Metrics a leaderboard shows, in order, when the run has them.
+BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
+RANK_BY = ("kernel_rel_mse", "out_rel_err", "time_ms")
+
+
+@dataclass
+class Table:
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[str]]
+    row_status: list[str] = field(default_factory=list)  # "ok", "baseline", or a failure status
+    align: str = ""  # one letter per column: l or r
+
+
+# ------------------------------------------------------------------------------ formatting
+def fmt(x: float) -> str:
+    """Three significant figures; scientific notation outside [1e-3, 1e5)."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
+
+def fmt_ci(mean: float, lo: float | None, hi: float | None) -> str:
+    """'mean ± half-width' of a (symmetric, t-based) 95% interval; the mean alone without one."""
+    if mean is None or not np.isfinite(mean):
+        return "—"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
+
+
+def _status_text(row: pd.Series) -> str:
+    status = str(row["status"])
+    if status == "ok":
+        return "ok"
+    n_ok, n = row.get("n_ok"), row.get("n_seeds")
+    part = ""
+    if n_ok is not None and n is not None and pd.notna(n_ok) and pd.notna(n) and 0 < int(n_ok) < int(n):
+        part = f" in {int(n) - int(n_ok)} of {int(n)} seeds"
+    msg = str(row.get("message", "") or "").strip().replace("\n", " ")
+    if len(msg) > 90:
+        msg = msg[:87] + "..."
+    return f"{status}{part}: {msg}" if msg else f"{status}{part}"
+
+
+# ------------------------------------------------------------------------------ building
+def build_tables(run: Run, prefer: dict | None = None) -> list[Table]:
+    """One leaderboard per data source, then the failures table (if any cell failed)."""
+    s = run.summary
+    est = s[s["kind"] == "estimator"]
+    tables = []
+    datas = list(est["data"].value_counts().index) if "data" in est and len(est) else [None]
+    for data in datas:
+        rows = est if data is None else est[est["data"] == data]
+        board = leaderboard(run, rows, prefer or {}, data)
+        if board is not None:
+            tables.append(board)
+    fails = failures(run)
+    if fails is not None:
+        tables.append(fails)
+    return tables
+
+
+def leaderboard(run: Run, est: pd.DataFrame, prefer: dict, data=None) -> Table | None:
+    """Rank the estimators of one slice (all statuses kept) with the slice's baselines after them."""
+    if est.empty:
+        return None
+    rows, fixed = pick_slice(est, ("feature_map", "weight_matrix"), prefer)
+    if data is not None:
+        fixed = {"data": data, **{k: v for k, v in fixed.items() if k != "data"}}
+    base = baselines_for(run.summary, fixed)
+    frame = pd.concat([rows, base])
+    metrics = [m for m in BOARD_METRICS if has_metric(frame, m)]
+    rank_by = next((m for m in RANK_BY if m in metrics), None)
+    key = value_columns(rows, rank_by)[0] if rank_by else None
+    ok = rows["status"] == "ok"
+    if key:
+        ok &= np.isfinite(pd.to_numeric(rows[key], errors="coerce"))
+    ranked = rows[ok].sort_values(key) if key else rows[ok].sort_values("estimator")
+    others = rows[~ok].sort_values("estimator")
+    columns = ["rank", "estimator", "m"] + [METRICS[m].header() for m in metrics] + ["status"]
+    out, status = [], []
+    for rank, (_, r) in enumerate(ranked.iterrows(), start=1):
+        out.append([str(rank), r["estimator"], _int(r.get("num_features"))] + _cells(r, metrics) + ["ok"])
+        status.append("ok")
+    for _, r in others.iterrows():
+        out.append(["–", r["estimator"], _int(r.get("num_features"))] + _cells(r, metrics)
+                   + [_status_text(r)])
+        status.append(str(r["status"]))
+    for _, r in base.sort_values("estimator").iterrows():
+        out.append(["ref", f"{r['estimator']} (baseline)", "–"] + _cells(r, metrics) + [_status_text(r)])
+        status.append("baseline" if r["status"] == "ok" else str(r["status"]))
+    n = ranked["n_ok"] if "n_ok" in ranked and len(ranked) else None
+    seeds = "?" if n is None else f"{int(n.min())}" + (f"–{int(n.max())}" if n.max() > n.min() else "")
+    where = describe_slice(fixed)
+    caption = (f"Estimators ranked by mean {METRICS[rank_by].label if rank_by else 'name'} (lower is better)"
+               + (f" at {where}" if where else "") + f"; mean ± 95% CI half-width over {seeds} seeds "
+               "(t-interval; a lone mean where only one seed succeeded). Failed or skipped cells follow "
+               "unranked with their reason; exact baselines come last.")
+    title = "Leaderboard" + (f": {data}" if data is not None else "")
+    return Table(title, caption, columns, out, status, "rlr" + "r" * len(metrics) + "l")
+
+
+def _int(v) -> str:
+    return str(int(v)) if v is not None and pd.notna(v) and float(v) > 0 else "–"
+
+
+def _cells(r: pd.Series, metrics: list[str]) -> list[str]:
+    out = []
+    for m in metrics:
+        cols = value_columns(r.to_frame().T, m)
+        nums = [float(r[c]) * METRICS[m].scale if c and pd.notna(r.get(c)) else None for c in cols]
+        out.append(fmt_ci(*nums))
+    return out
+
+
+def failures(run: Run) -> Table | None:
+    """Every cell with status oom/error/skipped and its reason; cells that differ only in L or m
+    and fail for the same reason share one row."""
+    s = run.summary
+    bad = s[s["status"] != "ok"].copy()
+    if bad.empty:
+        return None
+    group = [c for c in ("estimator", "data", "status", "message") if c in bad]
+    rows, status = [], []
+    for key, grp in bad.groupby(group, sort=True, dropna=False):
+        r = dict(zip(group, key))
+        n_ok = int(grp["n_ok"].sum()) if "n_ok" in grp else None
+        n = int(grp["n_seeds"].sum()) if "n_seeds" in grp else None
+        msg = str(r.get("message", "") or "").strip().replace("\n", " ")
+        rows.append([str(r["estimator"]), str(r.get("data", "")), _values(grp, "seq_len"),
+                     _values(grp, "num_features"), str(r["status"]),
+                     f"{n_ok}/{n}" if n is not None and n_ok is not None else "?",
+                     msg[:200] + ("..." if len(msg) > 200 else "")])
+        status.append(str(r["status"]))
+    order = sorted(range(len(rows)), key=lambda i: (-_severity(rows[i][4]), rows[i][0], rows[i][1]))
+    caption = (f"{len(bad)} cell(s) did not complete on every seed; they are left out of the figures. "
+               "'ok seeds' counts the seeds that did, over all the listed L and m.")
+    return Table("Failed and skipped cells", caption,
+                 ["estimator", "data", "L", "m", "status", "ok seeds", "reason"],
+                 [rows[i] for i in order], [status[i] for i in order], "llllll" + "l")
+
+
+def _severity(status: str) -> int:
+    return STATUSES.index(status) if status in STATUSES else len(STATUSES)
+
+
+def _values(grp: pd.DataFrame, col: str) -> str:
+    """'128/256/512' (or '16–1024' when long) of the distinct positive values of a column."""
+    if col not in grp:
+        return "–"
+    vals = sorted({int(v) for v in grp[col] if pd.notna(v) and v > 0})
+    if not vals:
+        return "–"
+    return "/".join(map(str, vals)) if len(vals) <= 4 else f"{vals[0]}–{vals[-1]} ({len(vals)} values)"
+
+
+# ------------------------------------------------------------------------------ rendering
+def to_markdown(table: Table) -> str:
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    align = table.align or "l" * len(table.columns)
+    lines = [f"### {table.title}", "", table.caption, "",
+             "| " + " | ".join(esc(c) for c in table.columns) + " |",
+             "|" + "|".join("---:" if a == "r" else ":---" for a in align) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SYMBOLS = {"±": r"$\pm$", "—": "---", "–": "--", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
+                  "²": r"\textsuperscript{2}", "×": r"$\times$", "…": r"\dots{}"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+    for sym, rep in _LATEX_SYMBOLS.items():
+        out = out.replace(sym, rep)
+    return out
+
+
+def to_latex(table: Table, label: str | None = None) -> str:
+    """A booktabs table (needs \\usepackage{booktabs})."""
+    align = table.align or "l" * len(table.columns)
+    label = label or "tab:" + "".join(ch if ch.isalnum() else "-" for ch in table.title.lower()).strip("-")
+    lines = [r"\begin{table}[ht]", r"\centering", r"\small",
+             rf"\caption{{{latex_escape(table.title)}. {latex_escape(table.caption)}}}",
+             rf"\label{{{label}}}", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    previous = None
+    for row, status in zip(table.rows, table.row_status or ["ok"] * len(table.rows)):
+        group = "ok" if status == "ok" else ("ref" if status == "baseline" or row[0] == "ref" else "failed")
+        if previous is not None and group != previous:
+            lines.append(r"\midrule")
+        previous = group
+        lines.append(" & ".join(latex_escape(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: Table) -> str:
+    """A <table> fragment; rows carry class="status-<status>" for styling."""
+    align = table.align or "l" * len(table.columns)
+    e = html.escape
+    head = "".join(f'<th class="{"num" if a == "r" else "txt"}">{e(c)}</th>'
+                   for c, a in zip(table.columns, align))
+    body = []
+    for row, status in zip(table.rows, table.row_status or ["ok"] * len(table.rows)):
+        cells = "".join(f'<td class="{"num" if a == "r" else "txt"}">{e(c)}</td>' for c, a in zip(row, align))
+        body.append(f'<tr class="status-{e(status)}">{cells}</tr>')
+    caption = f"<caption><strong>{e(table.title)}.</strong> {e(table.caption)}</caption>"
+    return (f'<table class="board">\n{caption}\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(body) + "\n</tbody>\n</table>\n")
+
+
+def write_tables(run: Run, out_dir: Path, prefer: dict | None = None) -> tuple[list[Table], list[Path]]:
+    """Write leaderboard.{md,tex,html} and cells.csv (every cell of the summary) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(run, prefer)
+    header = f"# {run.suite}: leaderboards\n\n"
+    files = {
+        "leaderboard.md": header + "\n".join(to_markdown(t) for t in tables),
+        "leaderboard.tex": "% needs \\usepackage{booktabs}\n" + "\n".join(to_latex(t) for t in tables),
+        "leaderboard.html": "\n".join(to_html(t) for t in tables),
+    }
+    paths = []
+    for name, text in files.items():
+        path = out_dir / name
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    cells = out_dir / "cells.csv"
+    run.summary.to_csv(cells, index=False, float_format="%.6g")
+    paths.append(cells)
+    return tables, paths
