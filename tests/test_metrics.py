@@ -1,0 +1,188 @@
+"""rfbench.metrics: the streamed metrics equal a direct dense computation at small L (float64).
+
+The dense oracle builds every L x L matrix with ``Estimator.kernel`` and ``torch.softmax``; the
+streamed code never does. Estimators run in float64 so that both sides see the same numbers and
+agreement is to rounding (rtol 1e-9), whatever the tiling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rfbench as rb
+from rfbench import metrics as M
+
+F64 = torch.float64
+RTOL = 1e-9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many tiny ops: one torch thread avoids waiting on a busy machine's other core (results unchanged)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(B=2, H=3, L=40, d=8, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    # Unequal per-head scales, so that per-leading-index fitted parameters differ between slices.
+    scales = torch.linspace(0.6, 1.2, B * H, dtype=F64).reshape(B, H, 1, 1) * spread
+    q = torch.randn(B, H, L, d, generator=g, dtype=F64) * scales
+    k = torch.randn(B, H, L, d, generator=g, dtype=F64) * scales
+    return q, k
+
+
+def _fitted(name, d, m, seeds, q, k, scale, **params):
+    ests = [rb.make_estimator(name, d, m, seed=s, dtype=F64, **params) for s in seeds]
+    for e in ests:
+        e.fit(q, k, scale=scale)
+    return ests
+
+
+def _dense(ests, q, k, scale, rows=None, causal=False):
+    """Every metric straight from the definitions, with whole L x L matrices."""
+    s = math.sqrt(scale)
+    qs, ks = q * s, k * s
+    K = torch.exp(qs @ ks.transpose(-1, -2))
+    Kh = torch.stack([e.kernel(qs, ks) for e in ests])  # [S, B, H, L, L]; refits at scale 1 on (qs, ks)
+    L = q.shape[-2]
+    mask = torch.ones(L, L, dtype=torch.bool).tril() if causal else torch.ones(L, L, dtype=torch.bool)
+    A = torch.softmax((qs @ ks.transpose(-1, -2)).masked_fill(~mask, -math.inf), dim=-1)
+    Km = Kh.masked_fill(~mask, 0.0)
+    Ah = Km / Km.sum(dim=-1, keepdim=True)
+    if rows is not None:
+        pick = (slice(None),) * (K.ndim - 2)
+        K, A = K[pick + (rows,)][..., rows], A[pick + (rows,)][..., rows]
+        Kh, Ah, mask = Kh[..., rows, :][..., rows], Ah[..., rows, :][..., rows], mask[rows][:, rows]
+    err2 = (Kh - K) ** 2
+    S = len(ests)
+    out = {
+        "kernel_mse": err2.flatten(1).mean(1),
+        "kernel_rel_mse": err2.flatten(1).sum(1) / (K * K).sum(),
+        "attn_mse": ((Ah - A) ** 2 * mask).flatten(1).sum(1) / (mask.sum() * K[..., 0, 0].numel()),
+        "bias2": ((Kh.mean(0) - K) ** 2).mean(),
+        "mc_variance": Kh.var(0, unbiased=True).mean() if S > 1 else torch.tensor(math.nan),
+        "mean_k2": (K * K).mean(),
+    }
+    if ests[0].target != "softmax":
+        fm, p = ests[0].feature_map, ests[0].params_ or {}
+        Kt = torch.exp(fm.target_transform(qs, p, True) @ fm.target_transform(ks, p, False).transpose(-1, -2))
+        if rows is not None:
+            Kt = Kt[..., rows, :][..., rows]
+        out["target_kernel_rel_mse"] = ((Kh - Kt) ** 2).flatten(1).sum(1) / (Kt * Kt).sum()
+    return out
+
+
+def _close(got, want, rtol=RTOL):
+    got = torch.as_tensor(got, dtype=F64)
+    assert torch.allclose(got, want.to(F64), rtol=rtol, atol=0.0), (got, want)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "posrf-iid",  # plain positive features
+        "hyprf-orf",  # two features per omega
+        "trigrf-iid",  # signed features (factor)
+        "posrf-sgq",  # quadrature row weights, some negative (sign factor on the query side)
+        "oprf-orf",  # data-dependent parameter shared across leading dims
+        "darkis-iid",  # data-dependent parameters per leading index
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("budget", [1, M.MEMORY_BUDGET])  # one leading index at a time, or all six together
+def test_matches_dense(name, causal, budget):
+    q, k = _data()
+    scale = 1 / math.sqrt(q.shape[-1])
+    ests = _fitted(name, 8, 6, [3, 4, 5], q, k, scale)
+    got = M.kernel_errors(ests, q, k, scale=scale, causal=causal, tile=16, chunk=7, memory_budget=budget)
+    want = _dense(ests, q, k, scale, causal=causal)
+    _close(got.kernel_mse, want["kernel_mse"])
+    _close(got.kernel_rel_mse, want["kernel_rel_mse"])
+    _close(got.attn_mse, want["attn_mse"])
+    _close(got.bias2, want["bias2"])
+    _close(got.mc_variance, want["mc_variance"])
+    _close(got.mean_k2, want["mean_k2"])
+    assert got.n_pairs == 2 * 3 * 40 * 40
+    assert got.target_kernel_rel_mse is None
+
+
+def test_sampled_rows_match_dense_on_the_same_pairs():
+    q, k = _data(L=50)
+    scale = 0.3
+    rows = M.sample_rows(50, 17, seed=11)
+    assert rows.numel() == 17 and bool((rows[1:] > rows[:-1]).all())
+    ests = _fitted("posrf-orf", 8, 5, [0, 1], q, k, scale)
+    for causal in (False, True):
+        got = M.kernel_errors(ests, q, k, scale=scale, rows=rows, causal=causal, tile=5, chunk=9)
+        want = _dense(ests, q, k, scale, rows=rows, causal=causal)
+        for key in ("kernel_mse", "kernel_rel_mse", "attn_mse"):
+            _close(getattr(got, key), want[key])
+        _close(got.bias2, want["bias2"])
+
+
+def test_target_kernel_of_dark():
+    q, k = _data(L=30)
+    scale = 1 / math.sqrt(8)
+    ests = _fitted("dark-iid", 8, 6, [0, 1, 2], q, k, scale)
+    assert ests[0].target != "softmax"
+    got = M.kernel_errors(ests, q, k, scale=scale, tile=8)
+    want = _dense(ests, q, k, scale)
+    _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
+    _close(got.kernel_rel_mse, want["kernel_rel_mse"])  # the plain columns stay against softmax
+
+
+def test_bias_variance_decomposition_is_exact():
+    """mean_s kernel_mse_s == bias2 + (S-1)/S * mc_variance, entry by entry, hence on average."""
+    q, k = _data(B=1, H=2, L=33)
+    ests = _fitted("posrf-iid", 8, 4, range(7), q, k, 0.35)
+    got = M.kernel_errors(ests, q, k, scale=0.35, tile=10, attention_matrix=False)
+    S = len(ests)
+    lhs = sum(got.kernel_mse) / S
+    rhs = got.bias2 + (S - 1) / S * got.mc_variance
+    assert math.isclose(lhs, rhs, rel_tol=1e-10)
+    assert got.mc_variance > 0 and got.bias2 > 0
+    assert math.isclose(got.bias2_rel, got.bias2 / got.mean_k2) and got.attn_mse is None
+
+
+def test_one_seed_has_no_variance():
+    q, k = _data(B=1, H=1, L=12)
+    got = M.kernel_errors(_fitted("posrf-iid", 8, 4, [0], q, k, 1.0), q, k, tile=5)
+    assert math.isnan(got.mc_variance)
+    assert math.isclose(got.bias2, got.kernel_mse[0], rel_tol=1e-12)
+
+
+def test_exact_row_lse_matches_logsumexp():
+    q, k = _data(L=37)
+    rows = torch.tensor([0, 5, 36])
+    for causal in (False, True):
+        got = M.exact_row_lse(q, k, scale=0.4, rows=rows, causal=causal, tile=2, chunk=8)
+        logits = 0.4 * q @ k.transpose(-1, -2)
+        if causal:
+            logits = logits.masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), -math.inf)
+        want = torch.logsumexp(logits, dim=-1)[..., rows].reshape(6, 3)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_large_logits_do_not_overflow():
+    """Kernel values near exp(300): the float64 exact side and the per-row constants keep them finite."""
+    q, k = _data(B=1, H=1, L=20, d=4, spread=1.0)
+    q = q / q.norm(dim=-1, keepdim=True) * 17.0
+    k = q.clone()  # q.k = 289 on the diagonal
+    ests = _fitted("posrf-iid", 4, 64, [0, 1], q, k, 1.0)
+    got = M.kernel_errors(ests, q, k, tile=6)
+    assert all(math.isfinite(x) for x in got.kernel_rel_mse + got.attn_mse)
+    assert math.isfinite(got.bias2_rel) and math.isfinite(got.mc_variance_rel)
+
+
+def test_relative_error_and_sample_rows():
+    ref = torch.tensor([[3.0, 4.0]])
+    assert math.isclose(M.relative_error(ref + torch.tensor([[0.0, 0.5]]), ref), 0.1)
+    assert M.sample_rows(10, None) is None and M.sample_rows(10, 10) is None
+    assert torch.equal(M.sample_rows(100, 7, seed=3), M.sample_rows(100, 7, seed=3))
+    assert not torch.equal(M.sample_rows(100, 7, seed=3), M.sample_rows(100, 7, seed=4))
