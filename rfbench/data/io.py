@@ -116,16 +116,17 @@ def _positions(what: str, wanted: Sequence[int] | None, available: list[int]) ->
     for w in wanted:
         if isinstance(w, bool) or not isinstance(w, int) or w not in available:
             raise DataError(
-                f"{what} {w!r} is not in this capture; available {what}s: {_ranges(available)}"
+                f"{what} {w!r} is not in this capture; available {what}s: {format_ranges(available)}"
             )
         out.append(available.index(w))
     if not out:
-        raise DataError(f"no {what}s selected; available {what}s: {_ranges(available)}")
+        raise DataError(f"no {what}s selected; available {what}s: {format_ranges(available)}")
     return out
 
 
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (for error messages)."""
+def format_ranges(values, sep: str = ", ") -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (for messages and data labels)."""
+    values = list(values)
     parts, i = [], 0
     while i < len(values):
         j = i
@@ -133,7 +134,7 @@ def _ranges(values: list[int]) -> str:
             j += 1
         parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
         i = j + 1
-    return ", ".join(parts) or "none"
+    return sep.join(parts) or "none"
 
 
 # --------------------------------------------------------------------------- validation

@@ -126,16 +126,10 @@ def _synthetic_label(spec: DataSpec) -> str:
     return f"{spec.kind}({inner})"
 
 
-def _ranges(values) -> str:
-    values = list(values)
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(parts)
+def _format_ranges(values) -> str:
+    from rfbench.data.io import format_ranges
+
+    return format_ranges(values, sep=",")
 
 
 def prepare_sources(suite: Suite) -> list[Source]:
@@ -170,11 +164,11 @@ def prepare_sources(suite: Suite) -> list[Source]:
         for layers in groups:
             sub = cap.select(layers=layers) if spec.per_layer else cap
             if spec.label is None:
-                label = f"{name}:L{_ranges(layers)}"
+                label = f"{name}:L{_format_ranges(layers)}"
                 if spec.head_indices is not None:
-                    label += f":H{_ranges(sub.heads)}"
+                    label += f":H{_format_ranges(sub.heads)}"
             else:
-                label = f"{spec.label}:L{_ranges(layers)}" if spec.per_layer else spec.label
+                label = f"{spec.label}:L{_format_ranges(layers)}" if spec.per_layer else spec.label
             key = {
                 "source": spec.source,
                 "path": spec.path if spec.source == "file" else "bundled",

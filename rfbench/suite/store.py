@@ -295,36 +295,32 @@ def _folder(path) -> Path:
     return p
 
 
+def _load_table(path, name: str, rebuild) -> pd.DataFrame:
+    """``name`` of a results folder, rebuilt from cells/ when it lacks finished cells."""
+    folder = _folder(path)
+    table = folder / name
+    files = cell_files(folder)
+    if table.is_file():
+        df = pd.read_parquet(table)
+        if not files or set(df["cell"]) >= set(files):
+            return df
+    if files:
+        return rebuild(folder)
+    raise DataError(f"{folder}: no {name} and no finished cells; is this a results folder?")
+
+
 def load_results(path) -> pd.DataFrame:
     """Rows of a results folder (or of its results.parquet), one per cell and seed.
 
     When the folder's cells/ holds cells that results.parquet lacks (a run that was killed),
     the rows are consolidated from cells/ in memory instead, so nothing finished is missed.
     """
-    folder = _folder(path)
-    results_file = folder / "results.parquet"
-    files = cell_files(folder)
-    if results_file.is_file():
-        df = pd.read_parquet(results_file)
-        if not files or set(df["cell"]) >= set(files):
-            return df
-    if files:
-        return collect(folder)[0]
-    raise DataError(f"{folder}: no results.parquet and no finished cells; is this a results folder?")
+    return _load_table(path, "results.parquet", lambda folder: collect(folder)[0])
 
 
 def load_summary(path) -> pd.DataFrame:
     """One row per cell (summary.parquet), rebuilt from cells/ when it is out of date."""
-    folder = _folder(path)
-    summary_file = folder / "summary.parquet"
-    files = cell_files(folder)
-    if summary_file.is_file():
-        df = pd.read_parquet(summary_file)
-        if not files or set(df["cell"]) >= set(files):
-            return df
-    if files:
-        return summarise(*collect(folder))
-    raise DataError(f"{folder}: no summary.parquet and no finished cells; is this a results folder?")
+    return _load_table(path, "summary.parquet", lambda folder: summarise(*collect(folder)))
 
 
 def load_meta(path) -> dict:
