@@ -113,8 +113,14 @@ class FitConfig:
             )
         if self.split not in SPLITS:
             raise SpecError(f"fit split must be one of {', '.join(map(repr, SPLITS))}, got {self.split!r}")
-        for name, low in (("steps", 1), ("batch_tokens", 2), ("n_blocks", 2), ("eval_every", 1),
-                          ("patience", 0), ("val_draws", 1)):
+        for name, low in (
+            ("steps", 1),
+            ("batch_tokens", 2),
+            ("n_blocks", 2),
+            ("eval_every", 1),
+            ("patience", 0),
+            ("val_draws", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SpecError(f"fit {name} must be an integer >= {low}, got {value!r}")
@@ -122,8 +128,10 @@ class FitConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
                 raise SpecError(f"fit {name} must be a number in ({lo}, {hi}), got {value!r}")
-        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) or not (
-            0 <= self.min_delta < 1
+        if (
+            isinstance(self.min_delta, bool)
+            or not isinstance(self.min_delta, (int, float))
+            or not (0 <= self.min_delta < 1)
         ):
             raise SpecError(f"fit min_delta must be a number in [0, 1), got {self.min_delta!r}")
         if self.redraw is not None and not isinstance(self.redraw, bool):
@@ -192,8 +200,9 @@ def parse_fit_section(table, *, where: str = "fit", estimators=None) -> FitSpec:
         raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
     holdout = table.get("holdout", 0.25)
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
-        raise SpecError(f"{where}.holdout: expected a number in (0, 1) (share of tokens held out), "
-                        f"got {holdout!r}")
+        raise SpecError(
+            f"{where}.holdout: expected a number in (0, 1) (share of tokens held out), got {holdout!r}"
+        )
     split = table.get("holdout_split", "tail")
     if split not in SPLITS:
         raise SpecError(f"{where}.holdout_split: expected one of {', '.join(SPLITS)}, got {split!r}")
@@ -228,6 +237,10 @@ class FitResult:
     stopped: "steps" (ran them all), "patience" (early stop), "diverged" (non-finite loss), or
         "not trainable".
     objective, n_train, n_val: as used.
+    seed_independent: the fitted parameters do not depend on the estimator's seed (nothing
+        trained, or a learned distribution such as darkl's M trained with a fixed
+        ``FitConfig.seed`` and redraws), so estimators of other seeds may share them: a copy of
+        the fitted estimator, ``redraw(seed)``, is what fitting it anew would give.
     """
 
     estimator: Estimator
@@ -240,6 +253,7 @@ class FitResult:
     objective: str
     n_train: int
     n_val: int
+    seed_independent: bool = False
 
     @property
     def init_val_loss(self) -> float:
@@ -311,17 +325,20 @@ def target_inputs(est: Estimator, q: torch.Tensor, k: torch.Tensor, *, scale: fl
     return fm.target_transform(qs, params, True), fm.target_transform(ks, params, False)
 
 
-def target_attention(est: Estimator, q, k, v, *, scale: float) -> torch.Tensor | None:
+def target_attention(
+    est: Estimator, q, k, v, *, scale: float, causal: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
     """Exact attention under the estimator's own target kernel (None: no closed form).
 
-    For a softmax-target estimator this is ``exact.attention(q, k, v, scale=scale)``; for DARK /
-    darkl (aligned) it is softmax((Mq)(Mk)^T * scale) v, what their estimate is unbiased for.
+    For a softmax-target estimator this is ``exact.attention(q, k, v, causal, scale=scale)``; for
+    DARK / darkl (aligned) it is softmax((Mq)(Mk)^T * scale) v, what their estimate is unbiased
+    for. ``dtype``: the accumulation dtype of the reference (float64 for a metric's oracle).
     """
     with torch.no_grad():
         t = target_inputs(est, q, k, scale=scale)
         if t is None:
             return None
-        return exact.attention(t[0], t[1], est._cast(v), scale=1.0)
+        return exact.attention(t[0], t[1], est._cast(v), causal, scale=1.0, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- losses
@@ -379,8 +396,11 @@ def _check_learnable(est: Estimator, cfg: FitConfig, v) -> tuple[bool, bool, boo
     if cfg.objective == "attention" and v is None:
         raise EstimatorError("fit objective 'attention' needs values v: pass v, or use objective 'kernel'")
     if cfg.objective == "variance" and (fm_learns or wm_learns):
-        fixed = fm_learns and not wm_learns and est.feature_map.target == "softmax" and callable(
-            getattr(est.feature_map, "log_second_moment", None)
+        fixed = (
+            fm_learns
+            and not wm_learns
+            and est.feature_map.target == "softmax"
+            and callable(getattr(est.feature_map, "log_second_moment", None))
         )
         if not fixed:
             raise EstimatorError(
@@ -403,6 +423,7 @@ def _check_learnable(est: Estimator, cfg: FitConfig, v) -> tuple[bool, bool, boo
 def _progress(progress, steps: int):
     """A callable(step, train, val) and a closer, from ``progress`` (None: a bar on a terminal only)."""
     if callable(progress):
+
         def call(step, tr, va):
             progress({"step": step, "train_loss": tr, "val_loss": va})
 
@@ -419,6 +440,26 @@ def _progress(progress, steps: int):
         bar.set_postfix(train=f"{tr:.4g}", val=f"{va:.4g}" if va == va else "-")
 
     return update, bar.close
+
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay torch's one-time set-up of autograd and Adam (about 1.4 s on first use on a CPU).
+
+    Called by the runner before its first timed fit, so ``fit_ms`` times the fit alone. Cheap
+    after the first call.
+    """
+    global _WARM
+    if _WARM:
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        w = torch.zeros(2, requires_grad=True)
+        opt = torch.optim.Adam([w], lr=0.1)
+        (w * w + w).sum().backward()
+        opt.step()
+    _WARM = True
 
 
 def fit_estimator(
@@ -453,6 +494,20 @@ def fit_estimator(
             f"{q.shape[-2]} and {k.shape[-2]}"
         )
     fm_learns, wm_learns, redraw = _check_learnable(est, cfg, v)
+    # Training needs autograd even when called under no_grad or inference_mode (as the runner's
+    # measurements are); tensors made in inference mode cannot be saved for backward: copy them.
+    with torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (None if x is None else x.clone() if x.is_inference() else x for x in (q, k, v))
+        draw = est.draw_
+        if draw is not None and (
+            draw.W.is_inference() or (draw.row_weights is not None and draw.row_weights.is_inference())
+        ):
+            rw = None if draw.row_weights is None else draw.row_weights.clone()
+            est.draw_ = WeightDraw(draw.W.clone(), rw, draw.notes)
+        return _fit(est, q, k, v, cfg, float(scale), fm_learns, wm_learns, redraw, progress)
+
+
+def _fit(est, q, k, v, cfg: FitConfig, scale: float, fm_learns, wm_learns, redraw, progress) -> FitResult:
     t0 = time.perf_counter()
     L = q.shape[-2]
     q, k = est._cast(q), est._cast(k)
@@ -461,10 +516,26 @@ def fit_estimator(
     if not (fm_learns or wm_learns):
         if est.feature_map.data_dependent:
             est.fit(q, k, scale=scale)
-        curve = pd.DataFrame({"step": pd.Series(dtype="int64"), "train_loss": pd.Series(dtype="float64"),
-                              "val_loss": pd.Series(dtype="float64")})
-        return FitResult(est, curve, (time.perf_counter() - t0) * 1e3, 0, est.target, False,
-                         "not trainable", cfg.objective, L, 0)
+        curve = pd.DataFrame(
+            {
+                "step": pd.Series(dtype="int64"),
+                "train_loss": pd.Series(dtype="float64"),
+                "val_loss": pd.Series(dtype="float64"),
+            }
+        )
+        return FitResult(
+            est,
+            curve,
+            (time.perf_counter() - t0) * 1e3,
+            0,
+            est.target,
+            False,
+            "not trainable",
+            cfg.objective,
+            L,
+            0,
+            seed_independent=True,
+        )
 
     tr_idx, va_idx = split_tokens(L, cfg.val_fraction, split=cfg.split, n_blocks=cfg.n_blocks)
 
@@ -485,8 +556,11 @@ def fit_estimator(
     orig_seed, orig_draw = est.seed, est.draw_
     if wm_learns:
         module = est.weight_matrix.module(
-            est.num_omega, est.dim, generator=torch.Generator().manual_seed(est.seed),
-            device=est.device, dtype=est.compute_dtype,
+            est.num_omega,
+            est.dim,
+            generator=torch.Generator().manual_seed(est.seed),
+            device=est.device,
+            dtype=est.compute_dtype,
         )
         with torch.no_grad():
             if not torch.allclose(module(), orig_draw.W, rtol=1e-5, atol=1e-5):  # a bug, not the user's
@@ -505,8 +579,10 @@ def fit_estimator(
             est.draw_ = WeightDraw(module(), orig_draw.row_weights, orig_draw.notes)
 
     def snapshot():
-        return ({key: t.detach().clone() for key, t in trainable.items()},
-                None if module is None else {n: p.detach().clone() for n, p in module.named_parameters()})
+        return (
+            {key: t.detach().clone() for key, t in trainable.items()},
+            None if module is None else {n: p.detach().clone() for n, p in module.named_parameters()},
+        )
 
     loss_fn = _Objective(est, cfg.objective, float(scale))
     train_seed = est.seed if cfg.seed is None else cfg.seed
@@ -588,8 +664,19 @@ def fit_estimator(
     if best_step > 0:
         _label_trained(est, module is not None)
     curve = pd.DataFrame(rows, columns=["step", "train_loss", "val_loss"])
-    return FitResult(est, curve, (time.perf_counter() - t0) * 1e3, best_step, est.target, True, stopped,
-                     cfg.objective, int(n_tr), int(q_va.shape[-2]))
+    return FitResult(
+        est,
+        curve,
+        (time.perf_counter() - t0) * 1e3,
+        best_step,
+        est.target,
+        True,
+        stopped,
+        cfg.objective,
+        int(n_tr),
+        int(q_va.shape[-2]),
+        seed_independent=module is None and redraw and cfg.seed is not None,
+    )
 
 
 def _label_trained(est: Estimator, weights_trained: bool) -> None:

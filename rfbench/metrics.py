@@ -43,13 +43,65 @@ _NEG_INF = -math.inf
 MEMORY_BUDGET = 256 * 2**20
 
 
+def _same_params(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.shape == y.shape
+                and torch.equal(x, y.to(x))
+            ):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _target_slots(estimators) -> tuple[list[int | None], list[int]]:
+    """Which own (non-softmax) kernel each estimator is measured against.
+
+    Returns ``(slots, owners)``: ``slots[i]`` indexes the distinct own kernels (None where the
+    target is the softmax kernel, or has no closed form: a trained FastFood-L's learned spectral
+    kernel), ``owners[j]`` the estimator whose feature map and fitted parameters define kernel j.
+    Seeds that share their fitted parameters (the usual case, and darkl trained with a fixed
+    ``FitConfig.seed``) share one kernel; seeds trained apart are each scored on their own.
+    """
+    slots: list[int | None] = []
+    owners: list[int] = []
+    for i, e in enumerate(estimators):
+        if e.target == "softmax" or getattr(e.weight_matrix, "fitted_", False):
+            slots.append(None)
+            continue
+        for j, o in enumerate(owners):
+            other = estimators[o]
+            if (
+                other.target == e.target
+                and type(other.feature_map) is type(e.feature_map)
+                and _same_params(other.params_, e.params_)
+            ):
+                slots.append(j)
+                break
+        else:
+            owners.append(i)
+            slots.append(len(owners) - 1)
+    return slots, owners
+
+
 @dataclass
 class KernelErrors:
     """Kernel and attention-matrix errors of S seeds of one estimator on one data tensor.
 
     Per-seed lists have one float per estimator given. ``attn_mse`` is None unless asked for;
-    ``target_kernel_rel_mse`` is None unless the estimators' target kernel is not the softmax
-    kernel (DARK), in which case it is measured against exp(T(q') . T(k')).
+    ``target_kernel_rel_mse`` is None unless some estimator's target kernel is not the softmax
+    kernel (DARK, darkl), in which case it is measured against that estimator's own
+    exp(T(q') . T(k')); NaN for estimators whose own kernel is the softmax or has no closed
+    form (a trained FastFood-L).
     """
 
     kernel_mse: list[float]
@@ -296,7 +348,7 @@ def kernel_errors(
             est.params_ is None or est.fit_scale_ is None or not math.isclose(est.fit_scale_, scale)
         ):
             est.fit(q, k, scale=scale)
-    target = est0.target != "softmax"
+    slots, owners = _target_slots(estimators)
     if attention_matrix and row_lse is None:
         row_lse = exact_row_lse(
             q, k, scale=scale, rows=rows, causal=causal, tile=tile, chunk=chunk, dtype=dtype
@@ -312,7 +364,8 @@ def kernel_errors(
     sse = torch.zeros(S, dtype=torch.float64)
     tsse = torch.zeros(S, dtype=torch.float64)
     asse = torch.zeros(S, dtype=torch.float64)
-    sk2 = tk2 = bias_sum = var_sum = 0.0
+    tk2 = torch.zeros(len(owners), dtype=torch.float64)
+    sk2 = bias_sum = var_sum = 0.0
     n_visible = 0
     for g in _groups(qf.shape[0], per_index, memory_budget):
         qx, kx = qf[g].to(dtype) * s, kf[g].to(dtype) * s  # exact side, [G, L, d]
@@ -323,9 +376,9 @@ def kernel_errors(
             _slice_params(e.params_ or {}, lead, g) if e.feature_map.data_dependent else {}
             for e in estimators
         ]
-        if target:
-            tq = est0.feature_map.target_transform(qx, params[0], True)
-            tk = est0.feature_map.target_transform(kx, params[0], False)
+        # each distinct own kernel exp(T(q') . T(k')), transformed by the estimator that defines it
+        tq = [estimators[o].feature_map.target_transform(qx, params[o], True) for o in owners]
+        tk = [estimators[o].feature_map.target_transform(kx, params[o], False) for o in owners]
         sums = None
         if attention_matrix:
             sums = [
@@ -349,9 +402,9 @@ def kernel_errors(
                 logits = qx[:, r] @ kx[:, c_idx].transpose(-1, -2)  # [G, ti, tj], exact side
                 K = torch.exp(logits)
                 sk2 += float((K * K).sum())
-                if target:
-                    Kt = torch.exp(tq[:, r] @ tk[:, c_idx].transpose(-1, -2))
-                    tk2 += float((Kt * Kt).sum())
+                Kt = [torch.exp(a[:, r] @ b[:, c_idx].transpose(-1, -2)) for a, b in zip(tq, tk)]
+                for j, Kj in enumerate(Kt):
+                    tk2[j] += float((Kj * Kj).sum())
                 if attention_matrix:
                     visible = c_idx[None, :] <= r[:, None] if causal else None
                     A = torch.exp(logits - lse.unsqueeze(-1))
@@ -370,8 +423,8 @@ def kernel_errors(
                     Kh = G_ * torch.exp(cq.unsqueeze(-1) + ck.unsqueeze(-2))
                     stack[i] = Kh
                     sse[i] += float(((Kh - K) ** 2).sum())
-                    if target:
-                        tsse[i] += float(((Kh - Kt) ** 2).sum())
+                    if slots[i] is not None:
+                        tsse[i] += float(((Kh - Kt[slots[i]]) ** 2).sum())
                     if attention_matrix:
                         dn, cn = norms[i]
                         expo = cq.unsqueeze(-1) + ck.unsqueeze(-2) - cn.unsqueeze(-1)
@@ -393,7 +446,11 @@ def kernel_errors(
         kernel_mse=(sse / n_pairs).tolist(),
         kernel_rel_mse=(sse / sk2).tolist(),
         attn_mse=(asse / max(n_visible, 1)).tolist() if attention_matrix else None,
-        target_kernel_rel_mse=(tsse / tk2).tolist() if target else None,
+        target_kernel_rel_mse=[
+            float(tsse[i] / tk2[j]) if j is not None else math.nan for i, j in enumerate(slots)
+        ]
+        if owners
+        else None,
         bias2=bias2,
         mc_variance=mc_variance,
         bias2_rel=bias2 / mean_k2,

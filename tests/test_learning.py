@@ -177,6 +177,7 @@ def test_fit_is_deterministic(name, params):
 
     (r1, e1), (r2, e2) = fit(3), fit(3)
     assert r1.curve.equals(r2.curve) and r1.best_step == r2.best_step
+    assert r1.seed_independent == name.startswith("darkl")  # fastfoodl trains its seed's own draw
     assert all(torch.equal(e1.params_[key], e2.params_[key]) for key in e1.params_)
     assert torch.equal(e1.draw_.W, e2.draw_.W)
     r3, e3 = fit(3, dataclasses.replace(QUICK, seed=11))

@@ -137,6 +137,30 @@ def test_target_kernel_of_dark():
     _close(got.kernel_rel_mse, want["kernel_rel_mse"])  # the plain columns stay against softmax
 
 
+def test_each_estimator_is_scored_against_its_own_kernel():
+    """Seeds with different fitted parameters (trained apart, or fitted on other tokens) each get
+    their own target kernel; a softmax-target estimator and a trained FastFood-L (a learned
+    spectral kernel without closed form) get NaN rather than another estimator's kernel."""
+    from rfbench.learning import FitConfig, fit_estimator
+
+    q, k = _data(L=30)
+    scale = 1 / math.sqrt(8)
+    a = _fitted("dark-iid", 8, 6, [0], q, k, scale)[0]
+    b = _fitted("dark-iid", 8, 6, [1], q[..., :12, :], k[..., :12, :], scale)[0]  # other whitening
+    plain = _fitted("posrf-iid", 8, 6, [2], q, k, scale)[0]
+    ffl = rb.make_estimator("oprf-fastfoodl", 8, 6, seed=3, dtype=F64)
+    cfg = FitConfig(steps=2, eval_every=1, batch_tokens=16, objective="kernel")
+    fit_estimator(ffl, q, k, None, cfg, scale=scale, progress=False)
+    assert ffl.weight_matrix.fitted_ and ffl.target != "softmax"
+    got = M.kernel_errors([a, b, plain, ffl], q, k, scale=scale, tile=8)
+    for i, est in ((0, a), (1, b)):
+        alone = M.kernel_errors([est], q, k, scale=scale, tile=8).target_kernel_rel_mse[0]
+        assert got.target_kernel_rel_mse[i] == pytest.approx(alone, rel=1e-12)
+    assert got.target_kernel_rel_mse[0] != pytest.approx(got.target_kernel_rel_mse[1], rel=1e-3)
+    assert math.isnan(got.target_kernel_rel_mse[2]) and math.isnan(got.target_kernel_rel_mse[3])
+    assert M.kernel_errors([plain, ffl], q, k, scale=scale).target_kernel_rel_mse is None
+
+
 def test_bias_variance_decomposition_is_exact():
     """mean_s kernel_mse_s == bias2 + (S-1)/S * mc_variance, entry by entry, hence on average."""
     q, k = _data(B=1, H=2, L=33)

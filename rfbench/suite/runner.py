@@ -15,7 +15,19 @@ whole q and k at the attention scale (``fit_ms``; data-dependent maps only, also
 cells, knowingly), the attention output against float64 exact attention (``out_rel_err``), the
 forward time and peak memory (seed 0 only unless ``timing.all_seeds``), and the streamed kernel
 metrics of rfbench.metrics over all seeds together (bias2 and mc_variance need them all).
-Baselines (exact, sdpa, flash) are cells of their own with one run each.
+Estimators whose kernel is not the softmax (DARK, learned ones) are also scored against their
+own kernel (``target_*``; NaN where it has no closed form). Baselines (exact, sdpa, flash,
+uniform) are cells of their own with one run each.
+
+With a ``[fit]`` section the cell's L tokens are split (``FitSpec.split``: by default the last
+25% are held out). Every estimator is fitted with ``learning.fit_estimator`` on the first part
+only (trained where it has learnable parts, with its validation split inside that part; fitted
+the ordinary way otherwise), and everything, baselines included, is measured on the held-out
+part only (``eval_len`` tokens; ``fit_len`` were fitted on). ``fit_ms`` excludes torch's one-time
+optimiser set-up. A learned distribution that does not depend on the estimator's seed (darkl's
+M, trained with a fixed ``FitConfig.seed``) is fitted once per cell and copied to the other seeds
+with their own draw, which is exactly what fitting each anew gives; their ``fit_ms`` is that one
+fit's. Training curves are written to ``fits/<cell>.parquet`` before the cell's own file.
 
 Failures: an unsupported estimator/size pair is ``skipped`` with its reasons; running out of
 memory is ``oom``; anything else is ``error`` with the exception's message. Each is recorded and
@@ -31,6 +43,8 @@ Exit status of ``rfbench run``: 0 when every cell is ok, skipped or oom; 1 when 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -44,10 +58,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from rfbench import metrics as M
 from rfbench.errors import DataError, SpecError, UnsupportedError
+from rfbench.learning import FitSpec
 from rfbench.suite import executors as X
 from rfbench.suite import store
 from rfbench.suite.spec import DataSpec, EstimatorSpec, Suite, load_suite, suite_from_dict
@@ -255,6 +271,8 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                             skip = "CUDA is not available on this machine"
                         elif src.max_tokens is not None and L > src.max_tokens:
                             skip = f"seq_len {L} exceeds the {src.max_tokens} tokens of {src.label}"
+                        elif suite.fit is not None:
+                            skip = _holdout_skip(suite.fit, L)
                         base = {
                             "data": src.key,
                             "seq_len": L,
@@ -262,6 +280,8 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                             "dtype": dtype,
                             "device": device,
                         }
+                        if suite.fit is not None:  # a held-out measurement is another cell
+                            base["holdout"] = _holdout_key(suite.fit)
                         for b in suite.baselines:
                             key = {"kind": "baseline", "estimator": b, "num_features": 0, **base}
                             cells.append(
@@ -282,6 +302,8 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                         for m in sweep.values("num_features", device):
                             for est in suite.estimators:
                                 key = {"kind": "estimator", "estimator": est.key(), "num_features": m, **base}
+                                if suite.fit is not None:
+                                    key["fit"] = dataclasses.asdict(suite.fit.config_for(est.name))
                                 cells.append(
                                     Cell(
                                         cell_id(key),
@@ -299,6 +321,21 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                                     )
                                 )
     return cells
+
+
+def _holdout_key(fit: FitSpec) -> dict:
+    key = {"share": fit.holdout, "split": fit.holdout_split}
+    if fit.holdout_split == "blocks":
+        key["n_blocks"] = fit.config.n_blocks
+    return key
+
+
+def _holdout_skip(fit: FitSpec, L: int) -> str:
+    try:
+        fit.split(L)
+    except SpecError as exc:
+        return f"[fit] holdout = {fit.holdout}: {exc}"
+    return ""
 
 
 def _baseline_skip(name: str, dtype: str, device: str) -> str:
@@ -325,7 +362,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- per-cell context
 @dataclass
 class Context:
-    """Data and exact references shared by the cells of one (data, seq_len, causal, dtype, device)."""
+    """Data and exact references shared by the cells of one (data, seq_len, causal, dtype, device).
+
+    ``q, k, v`` are the tokens measured: all of the cell's, or with a ``[fit]`` section its
+    held-out part only, the part fitted on being ``fit_q, fit_k, fit_v`` (None without one).
+    """
 
     q: torch.Tensor
     k: torch.Tensor
@@ -334,6 +375,9 @@ class Context:
     rows_seed: int
     suite: Suite
     causal: bool
+    fit_q: torch.Tensor | None = None
+    fit_k: torch.Tensor | None = None
+    fit_v: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -367,7 +411,12 @@ def make_context(cell: Cell, suite: Suite) -> Context:
     device = torch.device(cell.device)
     q, k, v, scale = cell.source.load(cell.seq_len, TORCH_DTYPES[cell.dtype], device)
     rows_seed = derive_seed({"data": cell.source.key, "seq_len": cell.seq_len}, 0, 0)
-    return Context(q, k, v, scale, rows_seed, suite, cell.causal)
+    if suite.fit is None:
+        return Context(q, k, v, scale, rows_seed, suite, cell.causal)
+    fit_idx, held_idx = (i.to(device) for i in suite.fit.split(cell.seq_len))
+    fit_q, fit_k, fit_v = (x.index_select(-2, fit_idx) for x in (q, k, v))
+    q, k, v = (x.index_select(-2, held_idx) for x in (q, k, v))
+    return Context(q, k, v, scale, rows_seed, suite, cell.causal, fit_q, fit_k, fit_v)
 
 
 # --------------------------------------------------------------------------- running cells
@@ -390,9 +439,21 @@ def _base_row(suite: Suite, cell: Cell) -> dict:
         "causal": cell.causal,
         "dtype": cell.dtype,
         "device": cell.device,
+        **_split_sizes(suite, cell.seq_len),
         "status": "ok",
         "message": "",
     }
+
+
+def _split_sizes(suite: Suite, L: int) -> dict:
+    """``fit_len`` (tokens fitted on) and ``eval_len`` (tokens measured) of a cell of L tokens."""
+    if suite.fit is None:
+        return {"fit_len": 0, "eval_len": L}
+    try:
+        fit_idx, held_idx = suite.fit.split(L)
+    except SpecError:  # the cell is skipped, saying why
+        return {"fit_len": 0, "eval_len": 0}
+    return {"fit_len": fit_idx.numel(), "eval_len": held_idx.numel()}
 
 
 def _seed_rows(suite: Suite, cell: Cell) -> list[dict]:
@@ -446,6 +507,10 @@ def run_baseline_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict
 
         def fn():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    elif cell.name == "uniform":  # a constant kernel: the floor any estimator should beat
+
+        def fn():
+            return uniform_attention(v, causal)
     elif cell.name == "flash":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -455,14 +520,23 @@ def run_baseline_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict
     else:  # the spec only lets known names through
         raise UnsupportedError(f"unknown baseline {cell.name!r}")
     row = _seed_rows(suite, cell)[0]
+    row["target"] = "softmax"
     if suite.metrics.output:
         row["out_rel_err"] = M.relative_error(fn(), ctx.out_ref)
-    row.update(_measure(fn, suite, q.device, cell.source.batch * cell.source.heads * cell.seq_len))
+    row.update(_measure(fn, suite, q.device, cell.source.batch * cell.source.heads * q.shape[-2]))
     return [row], {}
 
 
+def uniform_attention(v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Attention with a constant kernel: each query gets the mean of the values it sees."""
+    if not causal:
+        return v.mean(dim=-2, keepdim=True).expand_as(v)
+    count = torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=v.dtype).unsqueeze(-1)
+    return v.cumsum(dim=-2) / count
+
+
 def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict], dict]:
-    from rfbench import exact, registry
+    from rfbench import registry
     from rfbench.registry import make_estimator
 
     spec = cell.estimator
@@ -472,9 +546,11 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
     rows = _seed_rows(suite, cell)
     device = torch.device(cell.device)
     q, k, v, scale, causal = ctx.q, ctx.k, ctx.v, ctx.scale, cell.causal
-    tokens = cell.source.batch * cell.source.heads * cell.seq_len
+    tokens = cell.source.batch * cell.source.heads * q.shape[-2]
     ests = []
-    target_ref = None
+    curves = []
+    shared = None  # (fitted estimator, its row) when the fit does not depend on the seed
+    target_refs: list[tuple[object, torch.Tensor | None]] = []  # (estimator, its own-kernel output)
     for i, row in enumerate(rows):
         est, row["draw_ms"] = X.timed_call(
             lambda row=row: make_estimator(
@@ -491,8 +567,19 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
             device,
         )
         row["feature_dim"] = est.feature_dim
-        if est.feature_map.data_dependent:
+        if shared is not None:  # what fitting anew would give: the same parameters, this draw
+            est = copy.deepcopy(shared[0]).redraw(row["seed"])
+            for col in ("fit_ms", "fit_best_step", "fit_stopped"):
+                row[col] = shared[1][col]
+        elif suite.fit is not None:
+            res = _fit(est, row, ctx, suite, device)
+            if len(res.curve):
+                curves.append(res.curve.assign(seed_index=i, seed=row["seed"]))
+            if res.trained and res.seed_independent:
+                shared = (est, row)
+        elif est.feature_map.data_dependent:
             _, row["fit_ms"] = X.timed_call(lambda est=est: est.fit(q, k, scale=scale), device)
+        row["target"] = est.target
         ests.append(est)
 
         def forward(est=est):
@@ -502,16 +589,14 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
             out = forward()
             row["out_rel_err"] = M.relative_error(out, ctx.out_ref)
             if est.target != "softmax":
-                if target_ref is None:  # the target depends on the data only (fitted params are)
-                    s = math.sqrt(scale)
-                    params = est.params_ or {}
-                    tq = est.feature_map.target_transform(q.to(est.compute_dtype) * s, params, True)
-                    tk = est.feature_map.target_transform(k.to(est.compute_dtype) * s, params, False)
-                    target_ref = exact.attention(tq, tk, v, causal, scale=1.0, dtype=torch.float64)
-                row["target_out_rel_err"] = M.relative_error(out, target_ref)
+                ref = _target_output(est, ctx, causal, target_refs)
+                row["target_out_rel_err"] = math.nan if ref is None else M.relative_error(out, ref)
             del out
         if i == 0 or suite.timing.all_seeds:
             row.update(_measure(forward, suite, device, tokens))
+    stats: dict = {}
+    if curves:
+        stats["fit_curves"] = curves
     if suite.metrics.kernel or suite.metrics.attention_matrix:
         rows_idx = None if ctx.rows is None else ctx.rows.to(q.device)
         ke = M.kernel_errors(
@@ -533,15 +618,52 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
             if ke.attn_mse is not None:
                 row["attn_mse"] = ke.attn_mse[i]
         if suite.metrics.kernel:
-            stats = {
-                "bias2": ke.bias2,
-                "mc_variance": ke.mc_variance,
-                "bias2_rel": ke.bias2_rel,
-                "mc_variance_rel": ke.mc_variance_rel,
-                "n_pairs": ke.n_pairs,
-            }
-            return rows, stats
-    return rows, {}
+            stats.update(
+                bias2=ke.bias2,
+                mc_variance=ke.mc_variance,
+                bias2_rel=ke.bias2_rel,
+                mc_variance_rel=ke.mc_variance_rel,
+                n_pairs=ke.n_pairs,
+            )
+    return rows, stats
+
+
+def _fit(est, row: dict, ctx: Context, suite: Suite, device: torch.device):
+    """Fit ``est`` on the cell's fit part (``[fit]``); fill the row's fit columns; return the FitResult."""
+    from rfbench.learning import fit_estimator, warm_up
+
+    config = suite.fit.config_for(est.name)
+    warm_up()  # torch's one-time optimiser set-up is not the estimator's fit time
+    res, row["fit_ms"] = X.timed_call(
+        lambda: fit_estimator(est, ctx.fit_q, ctx.fit_k, ctx.fit_v, config, scale=ctx.scale, progress=False),
+        device,
+    )
+    row.update(fit_best_step=res.best_step, fit_stopped=res.stopped)
+    if not (res.trained or est.feature_map.data_dependent):
+        row["fit_ms"] = math.nan  # nothing to fit: no fit time, as without [fit]
+    return res
+
+
+def _target_output(est, ctx: Context, causal: bool, cache: list) -> torch.Tensor | None:
+    """Exact attention under ``est``'s own kernel (None: it has no closed form), float64.
+
+    The own kernel depends on the data and the fitted parameters only, so seeds that share their
+    parameters share one reference (kept in ``cache``).
+    """
+    from rfbench.learning import target_attention
+    from rfbench.metrics import _same_params
+
+    for other, ref in cache:
+        if (
+            type(other.feature_map) is type(est.feature_map)
+            and other.target == est.target
+            and getattr(other.weight_matrix, "fitted_", False) == getattr(est.weight_matrix, "fitted_", False)
+            and _same_params(other.params_, est.params_)
+        ):
+            return ref
+    ref = target_attention(est, ctx.q, ctx.k, ctx.v, scale=ctx.scale, causal=causal, dtype=torch.float64)
+    cache.append((est, ref))
+    return ref
 
 
 def run_cell(cell: Cell, ctx_holder: dict, suite: Suite) -> tuple[list[dict], dict]:
@@ -552,14 +674,18 @@ def run_cell(cell: Cell, ctx_holder: dict, suite: Suite) -> tuple[list[dict], di
             row.update(status="skipped", message=cell.skip)
         return rows, {}
     failure = None
+    # No autograd bookkeeping: nothing measured is differentiated. A [fit] section trains
+    # estimators (learning.fit_estimator turns autograd back on), and inference-mode tensors
+    # could not take part in that, so such suites run under no_grad instead.
+    mode = torch.inference_mode if suite.fit is None else torch.no_grad
     try:
         ctx = ctx_holder.get(cell.context_key)
         if ctx is None:
             ctx_holder.clear()  # one context at a time: cells sharing one are adjacent in the plan
-            with torch.inference_mode():
+            with mode():
                 ctx = ctx_holder[cell.context_key] = make_context(cell, suite)
         runner = run_baseline_cell if cell.kind == "baseline" else run_estimator_cell
-        with torch.inference_mode():  # no autograd bookkeeping: nothing here is differentiated
+        with mode():
             return runner(cell, ctx, suite)
     except KeyboardInterrupt:
         raise
@@ -826,6 +952,9 @@ def _sweep(
                 bar.set_postfix_str(cell.label()[:60], refresh=False)
             t0 = time.perf_counter()
             rows, stats = run_cell(cell, ctx_holder, suite)
+            curves = stats.pop("fit_curves", None)
+            if curves:  # before the cell file: a cell written is a cell complete
+                store.write_fit_curves(out, cell.cell, _curve_frame(cell, curves))
             worst = store.worst_status(r["status"] for r in rows)
             stats = {**stats, "status": worst, "key": cell.key, "wall_s": time.perf_counter() - t0}
             store.write_cell(out, cell.cell, rows, stats)
@@ -843,10 +972,25 @@ def _sweep(
         store.write_json(out / "meta.json", meta)
 
 
+def _curve_frame(cell: Cell, curves: list) -> pd.DataFrame:
+    df = pd.concat(curves, ignore_index=True)
+    first = {
+        "cell": cell.cell,
+        "estimator": cell.name,
+        "data": cell.source.label,
+        "num_features": cell.num_features,
+    }
+    for i, (col, value) in enumerate(first.items()):
+        df.insert(i, col, value)
+    order = [*first, "seed", "seed_index", "step", "train_loss", "val_loss"]
+    return df[order]
+
+
 # --------------------------------------------------------------------------- terminal summary
 def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
     """A short ranked table: per (data, seq_len), the best estimator cells by kernel_rel_mse
-    (out_rel_err where the kernel was not measured), with their time and the baselines' times."""
+    (by out_rel_err where the kernel was not measured, or where a [fit] section held tokens out:
+    the held-out output error is then the headline), with their time and the baselines' times."""
     lines = []
     counts = summary["status"].value_counts().to_dict()
     lines.append("cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in store.STATUSES if counts.get(s)))
@@ -854,7 +998,9 @@ def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
     base = summary[(summary["kind"] == "baseline") & (summary["n_ok"] > 0)]
     groups = list(est.groupby(["data", "seq_len", "causal", "device"], sort=False))
     for (data, L, causal, device), g in groups[:max_groups]:
-        metric = "kernel_rel_mse_mean" if g["kernel_rel_mse_mean"].notna().any() else "out_rel_err_mean"
+        held_out = "fit_len" in g and bool((g["fit_len"] > 0).any())
+        by_kernel = g["kernel_rel_mse_mean"].notna().any() and not held_out
+        metric = "kernel_rel_mse_mean" if by_kernel else "out_rel_err_mean"
         g = g.sort_values(metric, na_position="last").head(top)
         title = f"{data}  L={L}{' causal' if causal else ''}  {device}  (ranked by {metric[:-5]})"
         lines.append("")
@@ -874,7 +1020,15 @@ def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
         if len(b):
             lines.append(
                 "  baselines: "
-                + ", ".join(f"{r['estimator']} {_fmt(r['time_ms_mean'], '.3g')} ms" for _, r in b.iterrows())
+                + ", ".join(
+                    f"{r['estimator']} {_fmt(r['time_ms_mean'], '.3g')} ms"
+                    + (
+                        f" (out_rel_err {_fmt(r['out_rel_err_mean'], '.3g')})"
+                        if r["estimator"] == "uniform"
+                        else ""
+                    )
+                    for _, r in b.iterrows()
+                )
             )
     if len(groups) > max_groups:
         lines.append(f"\n... {len(groups) - max_groups} more groups in summary.parquet")

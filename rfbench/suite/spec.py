@@ -15,7 +15,9 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     weight_matrices = ["iid", "orf"]       #   matrix ("*" for all registered ones)
     exclude = ["oprf-iid", "trigrf-*"]     # names or fnmatch patterns removed from the list
     baselines = ["exact", "sdpa"]          # rows of their own: exact | sdpa | flash (CUDA, half
-                                           #   precision); default ["exact", "sdpa"]
+                                           #   precision) | uniform (every query gets the mean of
+                                           #   the values it sees: the error of knowing nothing);
+                                           #   default ["exact", "sdpa"]
     [estimators.params]                    # constructor parameters keyed by a feature map,
     gerf = { A = -0.1 }                    #   weight-matrix or estimator name
 
@@ -65,6 +67,13 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     gpu_rep_ms = 100.0
     threads = 0                            # torch CPU threads for the run (0: torch's default)
 
+    [fit]                                  # optional: fit on part of each cell's tokens and
+    holdout = 0.25                         #   measure on the rest (rfbench.learning.FitSpec):
+    holdout_split = "tail"                 #   share held out for measurement; "tail" | "blocks"
+    objective = "attention"                # and any FitConfig key (steps, lr, batch_tokens, ...)
+    [fit.estimators."darkl-iid"]           # per-estimator overrides of FitConfig keys
+    objective = "variance"
+
 Scalars are accepted where a list is expected (``causal = true``). Cell keys and seeds are
 derived in runner.py from these objects, never from the order of the file.
 """
@@ -86,10 +95,11 @@ except ModuleNotFoundError:  # Python 3.10
 
 from rfbench import registry
 from rfbench.errors import DataError, EstimatorError, SpecError
+from rfbench.learning import FitSpec, parse_fit_section
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
-BASELINES = ("exact", "sdpa", "flash")
+BASELINES = ("exact", "sdpa", "flash", "uniform")
 SOURCES = ("synthetic", "bundled", "file")
 GPU_TIMERS = ("do_bench", "cuda_events")
 PER_DEVICE = ("cpu", "cuda")
@@ -199,6 +209,7 @@ class Suite:
     seeds: SeedSpec
     metrics: MetricSpec
     timing: TimingSpec
+    fit: FitSpec | None = None  # the [fit] section: None measures on every token, fitting nothing
     source: str = "<suite>"
     path: Path | None = None
     text: str = ""
@@ -369,7 +380,9 @@ class _Reader:
 
     # ------------------------------------------------------------- sections
     def suite(self, raw: dict, path: Path | None) -> Suite:
-        top = self.table(raw, "", ("suite", "estimators", "data", "sweep", "seeds", "metrics", "timing"))
+        top = self.table(
+            raw, "", ("suite", "estimators", "data", "sweep", "seeds", "metrics", "timing", "fit")
+        )
         head = self.table(top.get("suite", _MISSING), "suite", ("name", "description"))
         default_name = path.stem if path is not None else "suite"
         name = self.string(head.get("name", _MISSING), "suite.name", default=default_name)
@@ -382,6 +395,7 @@ class _Reader:
         seeds = self.seeds(top.get("seeds", _MISSING))
         metrics = self.metrics(top.get("metrics", _MISSING))
         timing = self.timing(top.get("timing", _MISSING))
+        fit = self.fit(top.get("fit", _MISSING), [e.name for e in estimators])
         if not (metrics.kernel or metrics.attention_matrix or metrics.output or timing.enabled):
             self.error("metrics", "nothing to measure: every metric and timing are switched off")
         return Suite(
@@ -394,6 +408,7 @@ class _Reader:
             seeds=seeds,
             metrics=metrics,
             timing=timing,
+            fit=fit,
             source=self.source,
             path=path,
         )
@@ -698,6 +713,15 @@ class _Reader:
             ),
             tile=self.integer(t.get("tile", _MISSING), "metrics.tile", default=d.tile),
         )
+
+    def fit(self, value, estimators: list[str]) -> FitSpec | None:
+        if value is _MISSING:
+            return None
+        try:
+            return parse_fit_section(value, where="fit", estimators=estimators)
+        except SpecError as exc:  # parse_fit_section names the key path itself
+            self.errors.append(f"{self.source}: {exc}")
+            return None
 
     def timing(self, value) -> TimingSpec:
         t = self.table(value, "timing", tuple(f.name for f in dataclasses.fields(TimingSpec)))

@@ -6,6 +6,10 @@
     <out>/results.parquet        every row of every finished cell (consolidated)
     <out>/summary.parquet        one row per cell: mean, std and 95% CI of each metric over seeds
     <out>/meta.json              the suite, versions, machine, times, command line
+    <out>/fits/<cell>.parquet    suites with [fit]: the training curves of a cell's learned
+                                 estimators (cell, estimator, data, num_features, seed,
+                                 seed_index, step, train_loss, val_loss), written just before
+                                 the cell's own file; ``load_fit_curves`` reads them all
 
 Every file is written to a temporary name in its own folder, flushed, fsync'ed and moved into
 place with ``os.replace`` (atomic on POSIX), so a killed run leaves either the old file or the
@@ -65,7 +69,18 @@ METRICS: tuple[str, ...] = (
     "draw_ms",
     "fit_ms",
 )
-OTHER_COLUMNS: dict[str, str] = {"n_rep": "int64", "status": "object", "message": "object"}
+OTHER_COLUMNS: dict[str, str] = {
+    "n_rep": "int64",
+    "target": "object",  # the kernel the estimator approximates ("softmax", or e.g. a learned one)
+    "fit_len": "int64",  # tokens fitted on ([fit] suites; 0 otherwise)
+    "eval_len": "int64",  # tokens measured (seq_len, or its held-out part)
+    "fit_best_step": "int64",  # training step whose parameters were kept (0: the initial ones)
+    "fit_stopped": "object",  # steps | patience | diverged | not trainable ("" without [fit])
+    "status": "object",
+    "message": "object",
+}
+#: Columns a cell file may lack (written before they existed): filled with their empty value.
+LATER_COLUMNS: tuple[str, ...] = ("target", "fit_len", "eval_len", "fit_best_step", "fit_stopped")
 COLUMNS: dict[str, str] = {**KEY_COLUMNS, **{m: "float64" for m in METRICS}, **OTHER_COLUMNS}
 #: Cross-seed statistics of a cell (summary.parquet only).
 CELL_STATS: tuple[str, ...] = ("bias2", "mc_variance", "bias2_rel", "mc_variance_rel")
@@ -166,6 +181,33 @@ def write_cell(out: Path, cell: str, rows: list[dict], stats: dict) -> Path:
     return path
 
 
+def fits_dir(out: Path) -> Path:
+    return Path(out) / "fits"
+
+
+def write_fit_curves(out: Path, cell: str, curves: pd.DataFrame) -> Path:
+    """Write the training curves of one cell (atomically; a re-run cell replaces them)."""
+    path = fits_dir(out) / f"{cell}.parquet"
+    write_parquet(path, curves.reset_index(drop=True))
+    return path
+
+
+def load_fit_curves(path) -> pd.DataFrame:
+    """Every training curve of a results folder (empty when its suite fitted nothing)."""
+    folder = _folder(path)
+    files = sorted(p for p in fits_dir(folder).glob("*.parquet") if not p.name.startswith("."))
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{f}: not a readable fit-curve file ({exc})") from None
+    if not frames:
+        cols = ["cell", "estimator", "data", "num_features", "seed", "seed_index", "step"]
+        return pd.DataFrame(columns=[*cols, "train_loss", "val_loss"])
+    return pd.concat(frames, ignore_index=True)
+
+
 def cell_files(out: Path) -> dict[str, Path]:
     """``{cell: path}`` of the finished cells (temporary files of an interrupted write are ignored)."""
     folder = cells_dir(out)
@@ -180,6 +222,13 @@ def _read_table(path: Path) -> tuple[pa.Table, dict]:
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: not a readable cell file ({exc})") from None
     meta = (tab.schema.metadata or {}).get(_META_KEY)
+    for col in LATER_COLUMNS:
+        if col not in tab.column_names:
+            if col == "eval_len" and "seq_len" in tab.column_names:  # every token was measured
+                filled = tab.column("seq_len").cast(pa.int64())
+            else:
+                filled = pa.array([_EMPTY[COLUMNS[col]]] * tab.num_rows, type=_ARROW[COLUMNS[col]])
+            tab = tab.append_column(col, filled)
     try:
         tab = tab.select(list(COLUMNS)).cast(SCHEMA)
     except (KeyError, pa.ArrowException) as exc:
@@ -205,7 +254,7 @@ def read_cell(path: Path) -> tuple[pd.DataFrame, dict]:
 def remove_stale_temporaries(out: Path) -> int:
     """Delete temporary files left by a killed write; returns how many."""
     n = 0
-    for folder in (Path(out), cells_dir(out)):
+    for folder in (Path(out), cells_dir(out), fits_dir(out)):
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
@@ -243,6 +292,8 @@ def summarise(results: pd.DataFrame, stats: dict[str, dict]) -> pd.DataFrame:
         first = g.iloc[0]
         row = {k: first[k] for k in SUMMARY_KEYS}
         ok = g[g["status"] == "ok"]
+        row["target"] = next((t for t in g["target"] if t), "")
+        row["fit_len"], row["eval_len"] = int(first["fit_len"]), int(first["eval_len"])
         row["n_seeds"] = len(g)
         row["n_ok"] = len(ok)
         row["status"] = worst_status(g["status"])
@@ -260,16 +311,16 @@ def summarise(results: pd.DataFrame, stats: dict[str, dict]) -> pd.DataFrame:
             value = cell_stats.get(s)
             row[s] = math.nan if value is None else float(value)
         out.append(row)
-    columns = [*SUMMARY_KEYS, "n_seeds", "n_ok", "status", "message"]
+    columns = [*SUMMARY_KEYS, "target", "fit_len", "eval_len", "n_seeds", "n_ok", "status", "message"]
     columns += [f"{m}_{p}" for m in METRICS for p in ("mean", "std", "ci_low", "ci_high")]
     columns += list(CELL_STATS)
     df = pd.DataFrame(out, columns=columns)
     for col in columns:
         if col in KEY_COLUMNS:
             df[col] = df[col].astype(KEY_COLUMNS[col])
-        elif col in ("n_seeds", "n_ok"):
+        elif col in ("n_seeds", "n_ok", "fit_len", "eval_len"):
             df[col] = df[col].astype("int64")
-        elif col in ("status", "message"):
+        elif col in ("status", "message", "target"):
             df[col] = df[col].astype(str)
         else:
             df[col] = df[col].astype("float64")
