@@ -1,9 +1,14 @@
 """Tables of a results folder: ranked leaderboards and the failures list, as Markdown, LaTeX, HTML.
 
 A leaderboard ranks the estimators of one data source at one (L, m) slice by their mean error
-(kernel relative MSE, else output error, else time), shows mean ± 95% CI half-width over seeds
-for every metric, and keeps cells that failed or were skipped, with their reason, below the
-ranked ones. The exact-attention baselines of the same slice follow as references.
+(kernel relative MSE, else output error, else time; output error first in a run that fitted on
+part of the tokens), shows mean ± 95% CI half-width over seeds for every metric, and keeps cells
+that failed or were skipped, with their reason, below the ranked ones. The exact-attention
+baselines of the same slice follow as references.
+
+A run of a suite with a ``[fit]`` section also gets its held-out tables first: the attention-output
+error on the held-out tokens (against softmax attention, and against each learned estimator's own
+kernel) for every estimator and m, averaged over the data sources seed by seed.
 
     tables = build_tables(run)
     to_markdown(tables[0]); to_latex(tables[0]); to_html(tables[0])
@@ -32,6 +37,7 @@ from rfbench.report import (
 #: Metrics a leaderboard shows, in order, when the run has them.
 BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
 RANK_BY = ("kernel_rel_mse", "out_rel_err", "time_ms")
+RANK_BY_HELD_OUT = ("out_rel_err", "kernel_rel_mse", "time_ms")
 
 
 @dataclass
@@ -84,7 +90,7 @@ def build_tables(run: Run, prefer: dict | None = None) -> list[Table]:
     """One leaderboard per data source, then the failures table (if any cell failed)."""
     s = run.summary
     est = s[s["kind"] == "estimator"]
-    tables = []
+    tables = [t for m in HELD_OUT_METRICS for t in held_out_tables(run, m)]
     datas = list(est["data"].value_counts().index) if "data" in est and len(est) else [None]
     for data in datas:
         rows = est if data is None else est[est["data"] == data]
@@ -107,7 +113,8 @@ def leaderboard(run: Run, est: pd.DataFrame, prefer: dict, data=None) -> Table |
     base = baselines_for(run.summary, fixed)
     frame = pd.concat([rows, base])
     metrics = [m for m in BOARD_METRICS if has_metric(frame, m)]
-    rank_by = next((m for m in RANK_BY if m in metrics), None)
+    order = RANK_BY_HELD_OUT if is_held_out(run) else RANK_BY
+    rank_by = next((m for m in order if m in metrics), None)
     key = value_columns(rows, rank_by)[0] if rank_by else None
     ok = rows["status"] == "ok"
     if key:
@@ -135,6 +142,118 @@ def leaderboard(run: Run, est: pd.DataFrame, prefer: dict, data=None) -> Table |
                "unranked with their reason; exact baselines come last.")
     title = "Leaderboard" + (f": {data}" if data is not None else "")
     return Table(title, caption, columns, out, status, "rlr" + "r" * len(metrics) + "l")
+
+
+HELD_OUT_METRICS = ("out_rel_err", "target_out_rel_err")
+
+
+def is_held_out(run: Run) -> bool:
+    """Whether the run fitted on part of each cell's tokens and measured on the rest ([fit])."""
+    r = run.results
+    return "fit_len" in r and bool((pd.to_numeric(r["fit_len"], errors="coerce") > 0).any())
+
+
+HELD_OUT_SLICE = ("seq_len", "causal", "dtype", "device", "dim")
+
+
+def held_out_tables(run: Run, metric: str = "out_rel_err") -> list[Table]:
+    """``held_out_table`` for each (L, causal, dtype, device, d) the run covers (usually one)."""
+    if not is_held_out(run) or metric not in run.results:
+        return []
+    r = run.results
+    keys = [k for k in HELD_OUT_SLICE if k in r]
+    groups = list(r.groupby(keys, sort=True)) if keys else [((), r)]
+    tables = []
+    for values, frame in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        fixed = {k: v for k, v in zip(keys, values) if r[k].nunique() > 1}  # what tells tables apart
+        table = held_out_table(frame, metric, describe_slice(fixed))
+        if table is not None:
+            tables.append(table)
+    return tables
+
+
+def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = "") -> Table | None:
+    """Estimators x m of a [fit] run's rows: ``metric`` on the held-out tokens, mean ± 95% CI.
+
+    Per seed index, the metric is averaged over the run's data sources (e.g. the layers of a
+    capture), then the mean and t-interval are taken over the seed indices: the spread is that
+    of the random features (and of anything fitted per seed), the data being fixed. A cell needs
+    every data source ok for that seed; otherwise it shows what failed. Baselines (one run each,
+    no m) show the same mean in every column.
+    """
+    r = r.assign(_v=pd.to_numeric(r[metric], errors="coerce") * METRICS[metric].scale)
+    est = r[r["kind"] == "estimator"]
+    if metric != "out_rel_err":  # the own-kernel metric: estimators that have one
+        has = est.groupby("estimator")["_v"].transform(lambda x: x.notna().any())
+        est = est[has]
+    if est.empty:
+        return None
+    n_data = r["data"].nunique()
+    ms = sorted(int(m) for m in est["num_features"].unique())
+    rows, status = [], []
+    for name, g in est.groupby("estimator", sort=False):
+        cells = []
+        for m in ms:
+            gm = g[g["num_features"] == m]
+            ok = gm[(gm["status"] == "ok") & gm["_v"].notna()]
+            per_seed = ok.groupby("seed_index")["_v"].agg(["mean", "count"])
+            per_seed = per_seed[per_seed["count"] == gm["data"].nunique()]["mean"].to_numpy(float)
+            # (one row per data source and seed index: the slice fixes every other axis)
+            if gm.empty:
+                cells.append("–")
+            elif per_seed.size == 0:
+                bad = gm[gm["status"] != "ok"]
+                cells.append(str(bad["status"].iloc[0]) if len(bad) else "—")
+            else:
+                cells.append(fmt_ci(*_mean_ci(per_seed)))
+        fit = pd.to_numeric(g["fit_ms"], errors="coerce").dropna() if "fit_ms" in g else pd.Series()
+        target = next((t for t in g.get("target", pd.Series(dtype=str)) if t), "")
+        rows.append([str(name), _short_target(target), *cells, fmt(float(fit.median())) if len(fit) else "–"])
+        status.append("ok")
+    if metric == "out_rel_err":
+        base = r[(r["kind"] == "baseline") & (r["status"] == "ok") & r["_v"].notna()]
+        for name, g in base.groupby("estimator", sort=True):
+            value = fmt(float(g["_v"].mean())) if g["data"].nunique() == n_data else "—"
+            kernel = "softmax" if name in ("exact", "sdpa", "flash") else "constant"
+            rows.append([f"{name} (baseline)", kernel, *[value] * len(ms), "–"])
+            status.append("baseline")
+    fit_len = _int_values(est, "fit_len")
+    eval_len = _int_values(est, "eval_len")
+    n_seeds = est["seed_index"].nunique()
+    against = ("exact softmax attention" if metric == "out_rel_err"
+               else "exact attention under the estimator's own kernel (learned or data-aware; "
+                    "'—' where it has no closed form)")
+    caption = (f"{METRICS[metric].label.capitalize()} on the held-out tokens ({eval_len} per cell, after "
+               f"fitting on the other {fit_len}), against {against}. Per seed the mean over the "
+               f"{n_data} data source(s), then mean ± 95% CI half-width over {n_seeds} seeds "
+               "(t-interval). fit: median fit time per estimator. Baselines: one run each.")
+    title = "Held-out " + ("attention-output error" if metric == "out_rel_err" else "own-kernel output error")
+    title += f" ({where})" if where else ""
+    columns = ["estimator", "kernel", *[f"m={m}" for m in ms], "fit (ms)"]
+    return Table(title, caption, columns, rows, status, "ll" + "r" * (len(ms) + 1))
+
+
+def _mean_ci(x: np.ndarray) -> tuple[float, float | None, float | None]:
+    from scipy.special import stdtrit
+
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, None, None
+    half = float(stdtrit(x.size - 1, 0.975) * x.std(ddof=1) / np.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def _short_target(target: str) -> str:
+    """The kernel column: 'softmax', or the first words of a learned/data-aware kernel's label."""
+    target = str(target or "")
+    return target if len(target) <= 40 else target[:37] + "..."
+
+
+def _int_values(frame: pd.DataFrame, col: str) -> str:
+    column = pd.to_numeric(frame.get(col, pd.Series(dtype=float)), errors="coerce").dropna()
+    vals = sorted({int(v) for v in column})
+    return "/".join(map(str, vals)) if vals else "?"
 
 
 def _int(v) -> str:
