@@ -44,7 +44,7 @@ layers = [1]
 heads = [0, 1]
 [sweep]
 seq_len = [{L}]
-num_features = [8]
+num_features = [4, 8]
 causal = [false]
 [seeds]
 count = 3
@@ -85,8 +85,8 @@ def _parts():
     return fit, held, (q, k, v), scale
 
 
-def _row(df, name, seed_index=0):
-    r = df[(df["estimator"] == name) & (df["seed_index"] == seed_index)]
+def _row(df, name, seed_index=0, m=8):
+    r = df[(df["estimator"] == name) & (df["seed_index"] == seed_index) & df["num_features"].isin([0, m])]
     assert len(r) == 1
     return r.iloc[0]
 
@@ -152,15 +152,21 @@ def test_columns_and_labels(fit_run):
     assert (df["fit_len"] == n_fit).all() and (df["eval_len"] == n_held).all()
     assert (df["seq_len"] == L).all()  # the cell's L; eval_len is what was measured
     est = df[df["kind"] == "estimator"]
-    targets = dict(zip(est["estimator"], est["target"]))
+    m8 = est[est["num_features"] == 8]  # every learner's training improved on its start there
+    targets = dict(zip(m8["estimator"], m8["target"]))
     assert targets["posrf-iid"] == "softmax"
     assert targets["dark-iid"] == "exp(q^T Sigma k)"
     assert targets["darkl-iid"].startswith("learned") and targets["oprf-fastfoodl"].startswith("learned")
     # fit_ms: where something is fitted (whitening, or training), not for a fixed map
     assert est.loc[est["estimator"] == "posrf-iid", "fit_ms"].isna().all()
     assert est.loc[est["estimator"] != "posrf-iid", "fit_ms"].gt(0).all()
-    trained = est[est["estimator"].isin(["darkl-iid", "oprf-fastfoodl"])]
-    assert trained["fit_best_step"].gt(0).all() and set(trained["fit_stopped"]) <= {"steps", "patience"}
+    learners = est[est["estimator"].isin(["darkl-iid", "oprf-fastfoodl"])]
+    assert set(learners["fit_stopped"]) <= {"steps", "patience"}
+    assert learners.loc[learners["num_features"] == 8, "fit_best_step"].gt(0).all()
+    # a learner whose training never beat its start keeps its start, and says so: not "learned"
+    kept = learners[learners["fit_best_step"] == 0]
+    assert len(kept) and not kept["target"].str.startswith("learned").any()
+    assert learners.loc[learners["fit_best_step"] > 0, "target"].str.startswith("learned").all()
     assert set(est.loc[est["estimator"] == "dark-iid", "fit_stopped"]) == {"not trainable"}
     # own-kernel metrics: DARK and learned DARK have one; a trained FastFood-L's kernel has no
     # closed form (NaN), and a softmax-target estimator has none to report
@@ -253,14 +259,14 @@ def test_learned_distribution_is_fitted_once_per_cell(fit_run):
         "seed_index",
         "step",
     ]
-    per = curves.groupby("estimator")["seed_index"].unique()
+    per = curves[curves["num_features"] == 8].groupby("estimator")["seed_index"].unique()
     assert sorted(per["darkl-iid"]) == [0] and sorted(per["oprf-fastfoodl"]) == [0, 1, 2]
     assert set(curves["estimator"]) == {"darkl-iid", "oprf-fastfoodl"}
-    for _, g in curves.groupby(["estimator", "seed_index"]):
+    for _, g in curves.groupby(["cell", "seed_index"]):
         assert g["step"].tolist() == list(range(len(g))) and math.isnan(g["train_loss"].iloc[0])
         assert g["val_loss"].notna().sum() >= 2
-    darkl = df[df["estimator"] == "darkl-iid"]
-    assert darkl["fit_ms"].nunique() == 1 and darkl["out_rel_err"].nunique() == 3  # one fit, 3 draws
+    for _, darkl in df[df["estimator"] == "darkl-iid"].groupby("cell"):
+        assert darkl["fit_ms"].nunique() == 1 and darkl["out_rel_err"].nunique() == 3  # one fit, 3 draws
 
 
 def test_baselines_are_measured_on_held_out_tokens(fit_run):
@@ -310,7 +316,7 @@ def test_report_leads_with_the_held_out_table(fit_run):
     tables = held_out_tables(run)
     assert len(tables) == 1
     t = tables[0]
-    assert t.columns == ["estimator", "kernel", "m=8", "fit (ms)"]
+    assert t.columns == ["estimator", "kernel", "m=4", "m=8", "fit (ms)"]
     rows = {r[0]: r for r in t.rows}
     assert set(rows) == {
         "posrf-iid",
@@ -320,11 +326,12 @@ def test_report_leads_with_the_held_out_table(fit_run):
         "exact (baseline)",
         "uniform (baseline)",
     }
-    x = df[df["estimator"] == "dark-iid"].sort_values("seed_index")["out_rel_err"].to_numpy()
+    x = df[(df["estimator"] == "dark-iid") & (df["num_features"] == 8)].sort_values("seed_index")
+    x = x["out_rel_err"].to_numpy()
     from scipy import stats
 
     half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    assert rows["dark-iid"][2] == f"{x.mean():.3g} ± {half:.3g}"
+    assert rows["dark-iid"][3] == f"{x.mean():.3g} ± {half:.3g}"
     own = held_out_tables(run, "target_out_rel_err")[0]
     assert {r[0] for r in own.rows} == {"dark-iid", "darkl-iid"}
     md = to_markdown(t)
@@ -345,3 +352,13 @@ def test_fit_estimator_works_under_inference_mode():
             est, q, k, v, FitConfig(steps=3, eval_every=1, batch_tokens=16), scale=scale, progress=False
         )
     assert res.trained and res.curve["train_loss"].notna().sum() == 3
+
+
+def test_output_error_figure_draws_the_uniform_floor(fit_run, tmp_path):
+    from rfbench.report.plots import Options, render_figures
+
+    _, out, _ = fit_run
+    figures = render_figures(load_run(out), Options(out_dir=tmp_path))
+    fig = next(f for f in figures if f.name == "output_error_vs_features")
+    assert "Dashed: the uniform baseline" in fig.caption
+    assert "uniform (baseline)" in (tmp_path / "output_error_vs_features.svg").read_text()

@@ -295,6 +295,10 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
     grid = fig.subplots(nrows, ncols, sharex=True, sharey=sharey, squeeze=False)
     log_y = _spans_decades(rows[value_columns(rows, metric)[0]])
     overlay_label = None
+    floors = {
+        d: _floor(run, metric, fixed if d is None else {**fixed, "data": d})
+        for d, (_, fixed) in zip(datas, slices)
+    }
     for r, c, data, fm in cells:
         ax = grid[r, c]
         panel = rows[(rows["feature_map"] == fm) & ((rows["data"] == data) if data is not None else True)]
@@ -304,6 +308,9 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
             _band(ax, xs, mean, lo, hi, pal.colour[wm], log_y)
         if metric == "kernel_rel_mse":
             overlay_label = _theory_overlay(ax, panel, metric) or overlay_label
+        if floors.get(data) is not None:
+            colour, _ = BASELINE_STYLES["uniform"]
+            ax.axhline(floors[data], color=colour, ls="--", lw=1.3)
         ax.set_title(fm if len(datas) == 1 or data is None else f"{fm} · {data}")
         _sweep_axis(ax, rows["num_features"])
         if log_y:
@@ -320,7 +327,8 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
             ax.xaxis.set_tick_params(labelbottom=True)
         if (r, c) in used and c == 0:
             ax.set_ylabel(METRICS[metric].axis_label())
-    handles, labels = pal.legend_handles(rows)
+    has_floor = any(v is not None for v in floors.values())
+    handles, labels = pal.legend_handles(rows, ["uniform"] if has_floor else [])
     if overlay_label:
         from matplotlib.lines import Line2D
 
@@ -340,12 +348,27 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
         caption += (" Dotted: " + overlay_label + "; i.i.d. weights give an unbiased mean of m i.i.d. "
                     "terms, so their expected MSE is exactly Var₁/m: a weight matrix below the line "
                     "beats i.i.d. sampling.")
+    if has_floor:
+        caption += (" Dashed: the uniform baseline (every query gets the mean of the values it sees), "
+                    "the error of an estimator that knows nothing of q and k.")
     if len(datas) > 1:
         caption += f" {'Columns' if data_on_cols else 'Rows'}: data sources."
     shown = [_in_slice(est if d is None else est[est["data"] == d], fixed)
              for d, (_, fixed) in zip(datas, slices)]
     caption += _failed_note(pd.concat(shown))
     return Figure(name, title, caption, files)
+
+
+def _floor(run: Run, metric: str, fixed: dict) -> float | None:
+    """The uniform baseline's output error in a slice (None: not run, failed, or another metric)."""
+    if metric != "out_rel_err":
+        return None
+    base = baselines_for(run.summary, fixed)
+    base = base[(base["estimator"] == "uniform") & (base["status"] == "ok")]
+    col = value_columns(base, metric)[0]
+    if len(base) != 1 or col not in base or not np.isfinite(float(base[col].iloc[0])):
+        return None
+    return float(base[col].iloc[0])
 
 
 def _theory_overlay(ax, panel: pd.DataFrame, metric: str) -> str | None:
