@@ -11,12 +11,14 @@ __all__ = [
     "DataError",
     "Estimator",
     "EstimatorError",
+    "FitConfig",
     "RFBenchError",
     "SpecError",
     "UnsupportedError",
     "estimators",
     "exact",
     "feature_maps",
+    "fit_estimator",
     "load_results",
     "make_estimator",
     "run_suite",
@@ -37,6 +39,10 @@ def __getattr__(name):
         from rfbench.suite.runner import run_suite
 
         return run_suite
+    if name in ("fit_estimator", "FitConfig"):
+        from rfbench import learning
+
+        return getattr(learning, name)
     if name == "load_results":
         from rfbench.suite.store import load_results
 

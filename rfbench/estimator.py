@@ -126,13 +126,34 @@ class Estimator:
         return self
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, q: torch.Tensor, k: torch.Tensor, *, scale: float = 1.0) -> Estimator:
+    def fit(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        scale: float = 1.0,
+        train=None,
+        progress=None,
+    ) -> Estimator:
         """Fit data-dependent parameters (a no-op for data-independent maps).
 
         ``scale`` says which kernel the fit is for: the estimator sees ``q * scale**0.5`` and
         ``k * scale**0.5``. Use 1.0 (default) for ``kernel()``, and ``1/sqrt(d)`` (or the
         ``scale`` you pass to ``attention()``) for attention.
+
+        Kernel learners (``darkl``, ``fastfoodl``) get only their starting point from a plain
+        fit. ``train`` (a ``rfbench.learning.FitConfig``, or True for its defaults) also trains
+        their learnable parts on these tokens (``v`` is needed by the attention objective), via
+        ``rfbench.learning.fit_estimator``; its FitResult (training curve, fit time, kept step) is
+        then ``self.fit_result_``. Keep held-out tokens out of what you pass here.
         """
+        if train is not None and train is not False:
+            from rfbench.learning import FitConfig, fit_estimator
+
+            config = FitConfig() if train is True else train
+            self.fit_result_ = fit_estimator(self, q, k, v, config, scale=scale, progress=progress)
+            return self
         check_qkv(q, k, dim=self.dim)
         s = math.sqrt(scale)
         self.params_ = self.feature_map.fit_params(self._cast(q) * s, self._cast(k) * s)

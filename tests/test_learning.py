@@ -58,13 +58,7 @@ def _qkv(L=96, d=8, heads=2, seed=0, scale_std=0.5):
     return tuple(torch.randn(heads, L, d, generator=g) * scale_std for _ in range(3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waits on a shared CPU (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUICK = FitConfig(steps=4, eval_every=2, patience=0, batch_tokens=32, val_draws=2)
@@ -95,8 +89,12 @@ def test_fit_config_rejects_bad_values(kwargs, word):
 
 def test_fit_section_parses_overrides_and_rejects_bad_keys():
     spec = parse_fit_section(
-        {"holdout": 0.3, "objective": "kernel", "steps": 50,
-         "estimators": {"darkl-iid": {"objective": "variance"}}},
+        {
+            "holdout": 0.3,
+            "objective": "kernel",
+            "steps": 50,
+            "estimators": {"darkl-iid": {"objective": "variance"}},
+        },
         estimators=["posrf-iid", "darkl-iid"],
     )
     assert spec.holdout == 0.3 and spec.holdout_split == "tail"
@@ -146,8 +144,14 @@ def test_fit_estimator_rejects_impossible_combinations():
     with pytest.raises(EstimatorError, match="learns its draw"):
         fit_estimator(ffl, q, k, v, dataclasses.replace(QUICK, redraw=True), scale=1.0)
     with pytest.raises(SpecError, match="no validation"):
-        fit_estimator(darkl, q[:, :4], k[:, :4], v[:, :4], dataclasses.replace(QUICK, split="tail",
-                                                                               val_fraction=0.1), scale=1.0)
+        fit_estimator(
+            darkl,
+            q[:, :4],
+            k[:, :4],
+            v[:, :4],
+            dataclasses.replace(QUICK, split="tail", val_fraction=0.1),
+            scale=1.0,
+        )
     with pytest.raises(DataError, match="same L"):
         fit_estimator(darkl, q, k[:, :50], v[:, :50], QUICK, scale=1.0)
     with pytest.raises(EstimatorError, match="scale"):
@@ -165,8 +169,10 @@ def test_fit_estimator_rejects_impossible_combinations():
 
 
 # --------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("name, params", [("darkl-iid", {}), ("oprf-fastfoodl", {}),
-                                          ("darkl-orf", {"param": "lowrank", "rank": 2})])
+@pytest.mark.parametrize(
+    "name, params",
+    [("darkl-iid", {}), ("oprf-fastfoodl", {}), ("darkl-orf", {"param": "lowrank", "rank": 2})],
+)
 def test_fit_is_deterministic(name, params):
     q, k, v = _qkv()
 
@@ -218,8 +224,9 @@ def test_untrained_darkl_is_dark_darkis_or_posrf():
     assert torch.allclose(kern("darkl-iid", init="identity", mode="is"), kern("posrf-iid"), rtol=1e-9)
     # low rank + diagonal with rank = d is the full init; diag applies the formula to diag(Lambda)
     full = rb.make_estimator("darkl-iid", dim=6, num_features=4, dtype=F64, init="proposal").fit(q, k)
-    low = rb.make_estimator("darkl-iid", dim=6, num_features=4, dtype=F64, init="proposal",
-                            param="lowrank", rank=6).fit(q, k)
+    low = rb.make_estimator(
+        "darkl-iid", dim=6, num_features=4, dtype=F64, init="proposal", param="lowrank", rank=6
+    ).fit(q, k)
     fm = full.feature_map
     assert torch.allclose(low.feature_map.transform(low.params_), fm.transform(full.params_), atol=1e-12)
     diag = rb.make_estimator("darkl-iid", dim=6, num_features=4, dtype=F64, init="whiten", param="diag")
@@ -302,8 +309,15 @@ def test_best_step_parameters_are_kept_and_labelled():
 def test_darkl_labels_and_own_kernel_reference():
     q, k, v = _qkv(L=128)
     est = rb.make_estimator("darkl-iid", dim=8, num_features=16, init="identity")
-    res = fit_estimator(est, q, k, v, FitConfig(steps=12, eval_every=2, patience=0, lr=0.05, val_draws=2),
-                        scale=0.5, progress=False)
+    res = fit_estimator(
+        est,
+        q,
+        k,
+        v,
+        FitConfig(steps=12, eval_every=2, patience=0, lr=0.05, val_draws=2),
+        scale=0.5,
+        progress=False,
+    )
     assert res.best_step > 0 and est.target == LEARNED_SIGMA_TARGET and est.unbiased
     M = est.params_["M"]
     s = math.sqrt(0.5)
@@ -367,8 +381,12 @@ def test_darkl_is_variance_fit_finds_sigma_star_on_gaussian_data():
     K = torch.exp(qt[:, :256].double() @ kt[:, :256].double().transpose(-1, -2))
 
     def mse(e):
-        return torch.stack([((e.redraw(s).kernel(qt[:, :256], kt[:, :256]).double() - K) ** 2).mean()
-                            for s in range(n_seeds)])
+        return torch.stack(
+            [
+                ((e.redraw(s).kernel(qt[:, :256], kt[:, :256]).double() - K) ** 2).mean()
+                for s in range(n_seeds)
+            ]
+        )
 
     a, b = mse(learned), mse(posrf)
     diff = b - a  # independent draws: the standard errors add in quadrature
@@ -393,3 +411,20 @@ def test_fastfoodl_kernel_fit_lowers_train_and_not_held_out_error():
         assert train[-20:].mean() < train[:20].mean()  # minibatch losses, averaged over 20 steps
         after = float(_Objective(est, "kernel", scale)(qt, kt, None))
         assert after <= before, (seed, before, after)
+
+
+def test_estimator_fit_trains_when_asked():
+    """``est.fit(q, k, v, train=config)`` is ``fit_estimator``; a plain fit gives the start only."""
+    q, k, v = _qkv()
+    direct = rb.make_estimator("darkl-iid", dim=8, num_features=8, seed=1)
+    res = fit_estimator(direct, q, k, v, QUICK, scale=0.5, progress=False)
+    est = rb.make_estimator("darkl-iid", dim=8, num_features=8, seed=1).fit(
+        q, k, v, scale=0.5, train=QUICK, progress=False
+    )
+    assert est.fit_result_.curve.equals(res.curve) and est.fit_result_.best_step == res.best_step > 0
+    assert all(torch.equal(est.params_[key], direct.params_[key]) for key in direct.params_)
+    assert est.target == direct.target != "softmax"
+    plain = rb.make_estimator("darkl-iid", dim=8, num_features=8, seed=1).fit(q, k, scale=0.5)
+    assert not hasattr(plain, "fit_result_")
+    assert not all(torch.equal(plain.params_[key], direct.params_[key]) for key in direct.params_)
+    assert rb.fit_estimator is fit_estimator and rb.FitConfig is FitConfig
