@@ -19,13 +19,7 @@ F64 = torch.float64
 RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny ops: one torch thread avoids waiting on a busy machine's other core (results unchanged)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(B=2, H=3, L=40, d=8, seed=0, spread=1.0):

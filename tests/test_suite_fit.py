@@ -29,6 +29,8 @@ from rfbench.report.tables import held_out_tables, is_held_out, to_markdown
 from rfbench.suite import runner, store
 from rfbench.suite.spec import parse_suite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 L, HOLD, STEPS = 64, 0.25, 6
 SUITE = f"""
 [suite]

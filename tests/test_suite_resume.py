@@ -40,20 +40,11 @@ max_seconds = 0.1
 memory = false
 threads = 1
 """
-TIMING = [
-    "time_ms",
-    "time_ms_p20",
-    "time_ms_p80",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "draw_ms",
-    "fit_ms",
-    "n_rep",
-]
 
 
 def _stable(df):
-    return df.drop(columns=TIMING).sort_values(["cell", "seed_index"]).reset_index(drop=True)
+    stable = df.drop(columns=list(store.TIMED_COLUMNS))
+    return stable.sort_values(["cell", "seed_index"]).reset_index(drop=True)
 
 
 def test_resume_after_sigkill(tmp_path, monkeypatch):

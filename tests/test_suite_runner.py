@@ -44,17 +44,6 @@ tile = 16
 enabled = false
 threads = 1       # many tiny ops: one thread avoids waiting on a busy machine's second core
 """
-# Timing columns change from run to run; everything else must not.
-TIMING = [
-    "time_ms",
-    "time_ms_p20",
-    "time_ms_p80",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "draw_ms",
-    "fit_ms",
-    "n_rep",
-]
 
 
 def _suite(text=SUITE):
@@ -62,7 +51,8 @@ def _suite(text=SUITE):
 
 
 def _stable(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIMING).sort_values(["cell", "seed_index"]).reset_index(drop=True)
+    stable = df.drop(columns=list(store.TIMED_COLUMNS))
+    return stable.sort_values(["cell", "seed_index"]).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,17 @@ METRICS: tuple[str, ...] = (
     "draw_ms",
     "fit_ms",
 )
+#: Columns that change from run to run of the same cells (wall-clock measurements).
+TIMED_COLUMNS: tuple[str, ...] = (
+    "time_ms",
+    "time_ms_p20",
+    "time_ms_p80",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "draw_ms",
+    "fit_ms",
+    "n_rep",
+)
 OTHER_COLUMNS: dict[str, str] = {
     "n_rep": "int64",
     "target": "object",  # the kernel the estimator approximates ("softmax", or e.g. a learned one)
