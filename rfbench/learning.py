@@ -107,12 +107,15 @@ class FitConfig:
     seed: int | None = 0
 
     def __post_init__(self):
+        def bad(key: str, message: str):
+            err = SpecError(f"fit {key} {message}")
+            err.key, err.detail = key, message  # from_dict names the key path with them
+            raise err
+
         if self.objective not in OBJECTIVES:
-            raise SpecError(
-                f"fit objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}"
-            )
+            bad("objective", f"must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}")
         if self.split not in SPLITS:
-            raise SpecError(f"fit split must be one of {', '.join(map(repr, SPLITS))}, got {self.split!r}")
+            bad("split", f"must be one of {', '.join(map(repr, SPLITS))}, got {self.split!r}")
         for name, low in (
             ("steps", 1),
             ("batch_tokens", 2),
@@ -123,21 +126,30 @@ class FitConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise SpecError(f"fit {name} must be an integer >= {low}, got {value!r}")
+                bad(name, f"must be an integer >= {low}, got {value!r}")
         for name, lo, hi in (("lr", 0.0, math.inf), ("val_fraction", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
-                raise SpecError(f"fit {name} must be a number in ({lo}, {hi}), got {value!r}")
+                bad(name, f"must be a number in ({lo}, {hi}), got {value!r}")
         if (
             isinstance(self.min_delta, bool)
             or not isinstance(self.min_delta, (int, float))
             or not (0 <= self.min_delta < 1)
         ):
-            raise SpecError(f"fit min_delta must be a number in [0, 1), got {self.min_delta!r}")
+            bad("min_delta", f"must be a number in [0, 1), got {self.min_delta!r}")
         if self.redraw is not None and not isinstance(self.redraw, bool):
-            raise SpecError(f"fit redraw must be true, false or absent (per estimator), got {self.redraw!r}")
+            bad("redraw", f"must be true, false or absent (per estimator), got {self.redraw!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise SpecError(f"fit seed must be an integer or absent (the estimator's), got {self.seed!r}")
+            bad("seed", f"must be an integer or absent (the estimator's), got {self.seed!r}")
+        if self.split == "blocks" and max(1, round(self.n_blocks * self.val_fraction)) >= self.n_blocks:
+            bad(
+                "val_fraction",
+                f"= {self.val_fraction} leaves no training block of n_blocks = {self.n_blocks}; "
+                "lower it or raise n_blocks",
+            )
+        # One spelling of each number: `lr = 1` and `lr = 1.0` are the same config (and cell key).
+        for name in ("lr", "val_fraction", "min_delta"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def from_dict(cls, table: dict[str, Any], where: str = "fit") -> FitConfig:
@@ -151,7 +163,15 @@ class FitConfig:
         try:
             return cls(**table)
         except SpecError as exc:
+            if hasattr(exc, "key"):
+                raise SpecError(f"{where}.{exc.key}: {exc.detail}") from None
             raise SpecError(f"{where}: {exc}") from None
+
+
+def check_config(est: Estimator, config: FitConfig, *, with_values: bool = True) -> None:
+    """Raise EstimatorError when ``config`` cannot fit ``est`` (e.g. a variance objective for a
+    learner of its own kernel, or redraws for FastFood-L); ``with_values``: v will be given."""
+    _check_learnable(est, config, True if with_values else None)
 
 
 HOLDOUT_KEYS = ("holdout", "holdout_split")
@@ -169,7 +189,9 @@ class FitSpec:
         objective = "variance"
 
     The runner fits every estimator of a cell (``fit_estimator``) on the first part and measures
-    everything (the estimators and the baselines) on the held-out part only.
+    everything (the estimators and the baselines) on the held-out part only. A "blocks" holdout
+    cuts the tokens into the section's ``n_blocks`` blocks (the same key as the validation split
+    inside the fit part); its held-out blocks are measured together as one sequence.
     """
 
     holdout: float = 0.25

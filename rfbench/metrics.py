@@ -358,8 +358,15 @@ def kernel_errors(
     t = min(tile, n)
     itemsize = torch.finfo(dtype).bits // 8
     # Bytes per leading index: inputs (exact and per-seed copies), S query-feature tiles, the
-    # S-seed stack of estimates, a few tile x tile blocks and one key chunk of features.
-    per_index = itemsize * (2 * L * d * (1 + S) + S * t * (F + t) + 8 * t * t + 3 * min(chunk, L) * F)
+    # S-seed stack of estimates, a few tile x tile blocks, one key chunk of features, and for each
+    # distinct own kernel its transformed inputs and one tile.
+    per_index = itemsize * (
+        2 * L * d * (1 + S)
+        + S * t * (F + t)
+        + 8 * t * t
+        + 3 * min(chunk, L) * F
+        + len(owners) * (2 * L * d + t * t)
+    )
     qf, kf = _flat(q, lead), _flat(k, lead)
     sse = torch.zeros(S, dtype=torch.float64)
     tsse = torch.zeros(S, dtype=torch.float64)

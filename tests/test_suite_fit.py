@@ -106,7 +106,12 @@ def test_fit_section_is_validated():
     assert suite.to_dict()["fit"]["config"]["steps"] == STEPS  # meta.json carries it
     assert parse_suite(SUITE.split("[fit]")[0], source="x.toml").fit is None
     bad = [
-        ("steps = 6", "steps = 0", r"fit-tiny\.toml: fit: .*steps"),
+        ("steps = 6", "steps = 0", r"fit-tiny\.toml: fit\.steps: must be an integer >= 1, got 0"),
+        (
+            "eval_every = 2",
+            "eval_every = 2\nn_blocks = 2\nval_fraction = 0.9",
+            r"fit\.val_fraction: .*no training block",
+        ),
         ("holdout = 0.25", "holdout = 1.5", r"fit\.holdout"),
         ("eval_every = 2", "eval_every = 2\nlearning_rate = 0.1", r"unknown key.*learning_rate"),
         (
@@ -135,14 +140,40 @@ def test_held_out_cells_are_other_cells():
     other = ids(SUITE.replace('objective = "kernel"', 'objective = "attention"'))
     changed = {name for name in with_fit if with_fit[name] != other[name]}
     assert changed == {"oprf-fastfoodl"}
+    # training settings key the learners' cells only: the others are fitted the plain way
+    steps = ids(SUITE.replace(f"steps = {STEPS}", f"steps = {STEPS + 1}"))
+    assert {name for name in with_fit if with_fit[name] != steps[name]} == {"oprf-fastfoodl", "darkl-iid"}
+    # one number, one spelling: lr = 1 is lr = 1.0
+    assert ids(SUITE.replace("eval_every = 2", "eval_every = 2\nlr = 1")) == ids(
+        SUITE.replace("eval_every = 2", "eval_every = 2\nlr = 1.0")
+    )
 
 
+def test_configs_that_cannot_train_a_learner_are_refused_before_running(tmp_path):
+    text = SUITE.replace('objective = "kernel"', 'objective = "kernel"\nredraw = true')
+    with pytest.raises(SpecError, match=r'fit\.estimators\."oprf-fastfoodl": .*redraw=true'):
+        runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "r", progress=False)
+    text = SUITE.replace("eval_every = 2", 'eval_every = 2\nobjective = "variance"')
+    with pytest.raises(SpecError, match=r"x\.toml: fit: .*variance"):  # darkl aligned learns its kernel
+        runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "r2", progress=False)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.filterwarnings("ignore:DARK whitening")  # 6 tokens of d = 32: rank-deficient, knowingly
 def test_too_short_sequences_are_skipped_with_the_reason(tmp_path):
     text = SUITE.replace(f"seq_len = [{L}]", "seq_len = [2]").replace("holdout = 0.25", "holdout = 0.1")
     out = runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "r", progress=False)
     df = rb.load_results(out)
     assert (df["status"] == "skipped").all()
     assert df["message"].str.contains(r"\[fit\] holdout = 0.1").all()
+    # 8 tokens: 6 to fit on, too few for the learners' 8 validation blocks; the rest still run
+    text = SUITE.replace(f"seq_len = [{L}]", "seq_len = [8]").replace(
+        "num_features = [4, 8]", "num_features = [4]"
+    )
+    df = rb.load_results(runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "s", progress=False))
+    learners = df["estimator"].isin(["darkl-iid", "oprf-fastfoodl"])
+    assert (df.loc[learners, "status"] == "skipped").all() and (df.loc[~learners, "status"] == "ok").all()
+    assert df.loc[learners, "message"].str.contains("cannot be split for validation").all()
 
 
 # --------------------------------------------------------------------------- what is measured where
@@ -286,6 +317,11 @@ def test_uniform_baseline_causal_is_a_prefix_mean():
     for i in range(5):
         assert torch.allclose(out[:, i], v[:, : i + 1].mean(dim=1))
     assert torch.allclose(runner.uniform_attention(v, causal=False), v.mean(dim=1, keepdim=True).expand_as(v))
+    # bf16 cannot count past 256: the prefix means are computed in float32
+    long = torch.randn(1, 2048, 4, dtype=torch.float64)
+    half = runner.uniform_attention(long.bfloat16(), causal=True).double()
+    ref = runner.uniform_attention(long.bfloat16().double(), causal=True)
+    assert float((half - ref).norm() / ref.norm()) < 4e-3  # bf16 rounding of the result only
 
 
 def test_fit_run_is_reproducible(fit_run, tmp_path):
@@ -298,6 +334,18 @@ def test_fit_run_is_reproducible(fit_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- store and report
+def test_curves_of_unfinished_cells_are_not_loaded(fit_run, tmp_path):
+    import shutil
+
+    _, out, _ = fit_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    n = len(store.load_fit_curves(copy))
+    victim = next(iter(store.fits_dir(copy).glob("*.parquet")))
+    store.cell_path(copy, victim.stem).unlink()  # killed after its curves, before its cell
+    assert 0 < len(store.load_fit_curves(copy)) < n
+
+
 def test_cell_files_written_before_the_new_columns_still_load(fit_run, tmp_path):
     _, out, _ = fit_run
     path = next(iter(store.cell_files(out).values()))

@@ -206,7 +206,11 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
                 bad = gm[gm["status"] != "ok"]
                 cells.append(str(bad["status"].iloc[0]) if len(bad) else "—")
             else:
-                cells.append(fmt_ci(*_mean_ci(per_seed)))
+                text = fmt_ci(*_mean_ci(per_seed))
+                n_all = gm["seed_index"].nunique()
+                if per_seed.size < n_all:  # seeds that failed on some data source are left out
+                    text += f" ({per_seed.size} of {n_all} seeds)"
+                cells.append(text)
         fit = pd.to_numeric(g["fit_ms"], errors="coerce").dropna() if "fit_ms" in g else pd.Series()
         target = next((t for t in g.get("target", pd.Series(dtype=str)) if t), "")
         rows.append([str(name), _short_target(target), *cells, fmt(float(fit.median())) if len(fit) else "–"])

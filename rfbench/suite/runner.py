@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 
 from rfbench import metrics as M
-from rfbench.errors import DataError, SpecError, UnsupportedError
+from rfbench.errors import DataError, EstimatorError, SpecError, UnsupportedError
 from rfbench.learning import FitSpec
 from rfbench.suite import executors as X
 from rfbench.suite import store
@@ -302,8 +302,13 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                         for m in sweep.values("num_features", device):
                             for est in suite.estimators:
                                 key = {"kind": "estimator", "estimator": est.key(), "num_features": m, **base}
-                                if suite.fit is not None:
-                                    key["fit"] = dataclasses.asdict(suite.fit.config_for(est.name))
+                                est_skip = skip
+                                if suite.fit is not None and _learnable(est):
+                                    # training settings are part of what a learner's cell measures;
+                                    # the others are fitted the plain way, whatever they say
+                                    config = suite.fit.config_for(est.name)
+                                    key["fit"] = dataclasses.asdict(config)
+                                    est_skip = skip or _validation_skip(suite.fit, config, L)
                                 cells.append(
                                     Cell(
                                         cell_id(key),
@@ -317,7 +322,7 @@ def plan(suite: Suite, sources: list[Source], devices: list[str]) -> list[Cell]:
                                         dtype,
                                         device,
                                         estimator=est,
-                                        skip=skip,
+                                        skip=est_skip,
                                     )
                                 )
     return cells
@@ -328,6 +333,59 @@ def _holdout_key(fit: FitSpec) -> dict:
     if fit.holdout_split == "blocks":
         key["n_blocks"] = fit.config.n_blocks
     return key
+
+
+def _learnable(spec: EstimatorSpec) -> bool:
+    """Whether the estimator has parts that [fit] trains (darkl, fastfoodl)."""
+    from rfbench import registry
+
+    return bool(
+        getattr(registry.feature_map_class(spec.feature_map), "learnable", False)
+        or getattr(registry.weight_matrix_class(spec.weight_matrix), "learnable", False)
+    )
+
+
+def _validation_skip(fit: FitSpec, config, L: int) -> str:
+    """Why a learner cannot split its fit part into training and validation tokens ("" if it can)."""
+    from rfbench.learning import split_tokens
+
+    try:
+        n_fit = fit.split(L)[0].numel()
+        split_tokens(n_fit, config.val_fraction, split=config.split, n_blocks=config.n_blocks)
+    except SpecError as exc:
+        return f"[fit] the fit part of L={L} cannot be split for validation: {exc}"
+    return ""
+
+
+def _check_fit(suite: Suite, sources: list[Source]) -> None:
+    """Refuse, before any cell runs, a [fit] config that cannot train one of the suite's learners."""
+    from rfbench.learning import check_config
+    from rfbench.registry import make_estimator
+
+    if suite.fit is None or not sources:
+        return
+    overridden = dict(suite.fit.overrides)
+    m = next(iter(suite.sweep.num_features.values()))[0]
+    for spec in suite.estimators:
+        if not _learnable(spec):
+            continue
+        try:
+            est = make_estimator(
+                spec.name,
+                sources[0].dim,
+                m,
+                0,
+                feature_params=spec.feature_params,
+                weight_params=spec.weight_params,
+                **spec.params,
+            )
+        except UnsupportedError:
+            continue  # its cells are skipped with the reason
+        try:
+            check_config(est, suite.fit.config_for(spec.name))
+        except EstimatorError as exc:
+            where = f'fit.estimators."{spec.name}"' if spec.name in overridden else "fit"
+            raise SpecError(f"{suite.source}: {where}: {exc}") from None
 
 
 def _holdout_skip(fit: FitSpec, L: int) -> str:
@@ -529,10 +587,13 @@ def run_baseline_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict
 
 def uniform_attention(v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Attention with a constant kernel: each query gets the mean of the values it sees."""
+    x = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v  # counts past 256 in bf16
     if not causal:
-        return v.mean(dim=-2, keepdim=True).expand_as(v)
-    count = torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=v.dtype).unsqueeze(-1)
-    return v.cumsum(dim=-2) / count
+        out = x.mean(dim=-2, keepdim=True).expand_as(x)
+    else:
+        count = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+        out = x.cumsum(dim=-2) / count
+    return out.to(v.dtype)
 
 
 def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict], dict]:
@@ -887,6 +948,7 @@ def run_suite(spec_or_path, out=None, *, device=None, resume=False, shard=None, 
         raise SpecError(f"shard must be (i, n) with 1 <= i <= n, got {shard}")
     devices = resolve_devices(suite, device)
     sources = prepare_sources(suite)
+    _check_fit(suite, sources)
     cells = plan(suite, sources, devices)
     order = [c.cell for c in cells]
     mine = cells if shard is None else [c for i, c in enumerate(cells) if i % shard[1] == shard[0] - 1]

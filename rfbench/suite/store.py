@@ -206,7 +206,10 @@ def write_fit_curves(out: Path, cell: str, curves: pd.DataFrame) -> Path:
 def load_fit_curves(path) -> pd.DataFrame:
     """Every training curve of a results folder (empty when its suite fitted nothing)."""
     folder = _folder(path)
+    finished = set(cell_files(folder))  # a run killed between the two writes leaves curves alone
     files = sorted(p for p in fits_dir(folder).glob("*.parquet") if not p.name.startswith("."))
+    if finished:
+        files = [p for p in files if p.stem in finished]
     frames = []
     for f in files:
         try:
