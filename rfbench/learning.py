@@ -168,10 +168,10 @@ class FitConfig:
             raise SpecError(f"{where}: {exc}") from None
 
 
-def check_config(est: Estimator, config: FitConfig, *, with_values: bool = True) -> None:
+def check_config(est: Estimator, config: FitConfig) -> None:
     """Raise EstimatorError when ``config`` cannot fit ``est`` (e.g. a variance objective for a
-    learner of its own kernel, or redraws for FastFood-L); ``with_values``: v will be given."""
-    _check_learnable(est, config, True if with_values else None)
+    learner of its own kernel, or redraws for FastFood-L), values v being given."""
+    _check_learnable(est, config, v=True)
 
 
 HOLDOUT_KEYS = ("holdout", "holdout_split")

@@ -412,3 +412,18 @@ def test_output_error_figure_draws_the_uniform_floor(fit_run, tmp_path):
     fig = next(f for f in figures if f.name == "output_error_vs_features")
     assert "Dashed: the uniform baseline" in fig.caption
     assert "uniform (baseline)" in (tmp_path / "output_error_vs_features.svg").read_text()
+
+
+def test_report_reads_cells_newer_than_results_parquet(fit_run, tmp_path):
+    """A resumed run killed before it consolidated leaves an old results.parquet beside newer
+    cells: the report must show them all, and say so."""
+    import shutil
+
+    _, out, df = fit_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    old = df[df["cell"] != df["cell"].iloc[-1]]
+    store.write_parquet(copy / "results.parquet", store.table(old.to_dict("records")))
+    run = load_run(copy)
+    assert set(run.results["cell"]) == set(df["cell"]) and len(run.results) == len(df)
+    assert any("older than the finished cells" in n for n in run.notes)

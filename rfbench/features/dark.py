@@ -90,11 +90,42 @@ def _apply(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ M.to(device=x.device, dtype=x.dtype).transpose(-1, -2)
 
 
-def _second_moment(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def second_moment(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``[..., d, d]`` float64 second moment (about 0) of the pooled tokens of q ``[..., Lq, d]`` and k."""
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     x = torch.cat([q.expand(*lead, *q.shape[-2:]), k.expand(*lead, *k.shape[-2:])], dim=-2).double()
     return x.transpose(-1, -2) @ x / x.shape[-2]
+
+
+def whiten_eigs(evals: torch.Tensor, d: int, scale, eig_floor: float, who: str, stacklevel: int = 3):
+    """Eigenvalues s * lambda^-1/2 of the whitening M = s Lambda^-1/2 ("Proposition C.1"; s =
+    ``scale`` or d^-1/4), eigenvalues below ``eig_floor`` x the largest raised to it (with a
+    warning naming ``who``)."""
+    floor = eig_floor * evals.amax(dim=-1, keepdim=True).clamp(min=1e-300)
+    if bool((evals < floor).any()):
+        warnings.warn(
+            f"{who} whitening: the queries/keys second moment is rank-deficient or ill-conditioned; "
+            f"eigenvalues below {eig_floor:g} x the largest were raised to that floor",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+    return (scale or d**-0.25) * torch.maximum(evals, floor).rsqrt()
+
+
+def importance_log_features(x, W, omega, log_det):
+    """Log PosRF features of x at omega = proposal-distributed rows, importance-weighted:
+    x . omega - |x|^2 / 2 + log sqrt(p_I / p_Sigma)(omega), where the weight
+    (|w|^2 - |omega|^2 + log det Sigma) / 4 is shared by the two sides ([..., 1, m]); W holds the
+    standard normal rows w that omega was made from. Returns (log features, None)."""
+    log_w = 0.25 * (sq_norm(W).squeeze(-1) - sq_norm(omega).squeeze(-1) + log_det.unsqueeze(-1))
+    return x @ omega.transpose(-1, -2) - 0.5 * sq_norm(x) + log_w.unsqueeze(-2), None
+
+
+def proposal_eigs(evals: torch.Tensor, max_eig: float) -> torch.Tensor:
+    """Eigenvalues (1 + 2 lambda) / (1 - 2 lambda) of Sigma* ("Theorem 3.2"), lambda clipped to
+    [0, ``max_eig``] (< 1/2; clipping keeps the importance-sampled estimate unbiased)."""
+    lam = evals.clamp(min=0.0, max=max_eig)
+    return (1 + 2 * lam) / (1 - 2 * lam)
 
 
 def _check_fraction(params: dict, key: str, lo: float, hi: float, hint: str) -> None:
@@ -146,19 +177,10 @@ class DARK(FeatureMap):
         """``{"M": [..., d, d]}`` whitening M = s Lambda^-1/2 (empty when sigma or M was given)."""
         if not self.data_dependent:
             return {}
-        evals, U = torch.linalg.eigh(_second_moment(q, k))
-        floor = self.params["eig_floor"] * evals.amax(dim=-1, keepdim=True).clamp(min=1e-300)
-        if bool((evals < floor).any()):
-            warnings.warn(
-                "DARK whitening: the queries/keys second moment is rank-deficient or ill-conditioned; "
-                f"eigenvalues below {self.params['eig_floor']:g} x the largest were raised to that floor",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        evals = torch.maximum(evals, floor)
-        d = q.shape[-1]
-        s = self.params["whiten_scale"] or d**-0.25
-        M = (U * (s * evals.rsqrt()).unsqueeze(-2)) @ U.transpose(-1, -2)
+        evals, U = torch.linalg.eigh(second_moment(q, k))
+        p = self.params
+        mu = whiten_eigs(evals, q.shape[-1], p["whiten_scale"], p["eig_floor"], "DARK")
+        M = (U * mu.unsqueeze(-2)) @ U.transpose(-1, -2)
         return {"M": M.to(q.dtype)}
 
     def transform(self, params: Params) -> torch.Tensor:
@@ -222,9 +244,8 @@ class DARKIS(FeatureMap):
 
     def fit_params(self, q: torch.Tensor, k: torch.Tensor) -> Params:
         """Proposal ``sigma_star`` and its square root ``[..., d, d]``, and ``log_det`` ``[...]``."""
-        evals, U = torch.linalg.eigh(_second_moment(self._transform(q), self._transform(k)))
-        lam = evals.clamp(min=0.0, max=self.params["max_eig"])  # clipping keeps unbiasedness
-        s = (1 + 2 * lam) / (1 - 2 * lam)
+        evals, U = torch.linalg.eigh(second_moment(self._transform(q), self._transform(k)))
+        s = proposal_eigs(evals, self.params["max_eig"])
         Ut = U.transpose(-1, -2)
         return {
             "sigma_star": ((U * s.unsqueeze(-2)) @ Ut).to(q.dtype),
@@ -238,7 +259,5 @@ class DARKIS(FeatureMap):
         xt = self._transform(x)
         R = params["sqrt_sigma_star"].to(device=x.device, dtype=x.dtype)
         omega = draw.W @ R  # [..., m, d]; rows R w since R is symmetric
-        # log sqrt(p_I / p_Sigma*)(omega), shared by the two sides: [..., 1, m]
-        log_w = 0.25 * (sq_norm(draw.W).squeeze(-1) - sq_norm(omega).squeeze(-1)
-                        + params["log_det"].to(device=x.device, dtype=x.dtype).unsqueeze(-1))
-        return xt @ omega.transpose(-1, -2) - 0.5 * sq_norm(xt) + log_w.unsqueeze(-2), None
+        log_det = params["log_det"].to(device=x.device, dtype=x.dtype)
+        return importance_log_features(xt, draw.W, omega, log_det)

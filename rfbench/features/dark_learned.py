@@ -42,15 +42,20 @@ Without training, ``fit_params`` gives the initial M (so ``darkl`` fitted but no
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from rfbench.errors import EstimatorError
 from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.features.dark import (
+    SIGMA_TARGET,
+    importance_log_features,
+    proposal_eigs,
+    second_moment,
+    whiten_eigs,
+)
 from rfbench.weights.base import WeightDraw
 
-SIGMA_TARGET = "exp(q^T Sigma k)"
 LEARNED_SIGMA_TARGET = "learned: exp(q^T Sigma k), Sigma fitted"
 PARAMS = ("full", "diag", "lowrank")
 INITS = ("whiten", "proposal", "identity")
@@ -61,13 +66,6 @@ def _choice(params: dict, key: str, allowed: tuple[str, ...]) -> None:
     if params[key] not in allowed:
         shown = ", ".join(map(repr, allowed))
         raise EstimatorError(f"darkl: {key} must be one of {shown}, got {params[key]!r}")
-
-
-def second_moment(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``[..., d, d]`` float64 second moment (about 0) of the pooled tokens of q ``[..., Lq, d]`` and k."""
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    x = torch.cat([q.expand(*lead, *q.shape[-2:]), k.expand(*lead, *k.shape[-2:])], dim=-2).double()
-    return x.transpose(-1, -2) @ x / x.shape[-2]
 
 
 class DARKLearned(FeatureMap):
@@ -133,18 +131,10 @@ class DARKLearned(FeatureMap):
         """Eigenvalues of M0 from eigenvalues (or diagonal entries) of Lambda."""
         if self.params["init"] == "identity":
             return torch.ones_like(evals)
-        if self.params["init"] == "whiten":
-            floor = self.params["eig_floor"] * evals.amax(dim=-1, keepdim=True).clamp(min=1e-300)
-            if bool((evals < floor).any()):
-                warnings.warn(
-                    "darkl whitening: the queries/keys second moment is rank-deficient or ill-conditioned; "
-                    f"eigenvalues below {self.params['eig_floor']:g} x the largest were raised to that floor",
-                    RuntimeWarning, stacklevel=3,
-                )
-            s = self.params["whiten_scale"] or d**-0.25
-            return s * torch.maximum(evals, floor).rsqrt()
-        lam = evals.clamp(min=0.0, max=self.params["max_eig"])  # clipping keeps the IS estimate unbiased
-        return ((1 + 2 * lam) / (1 - 2 * lam)).sqrt()
+        p = self.params
+        if p["init"] == "whiten":
+            return whiten_eigs(evals, d, p["whiten_scale"], p["eig_floor"], "darkl", stacklevel=4)
+        return proposal_eigs(evals, p["max_eig"]).sqrt()  # M0 = Sigma*^1/2
 
     def fit_params(self, q: torch.Tensor, k: torch.Tensor) -> Params:
         """Initial factors of M (see the module docstring), float64-computed, cast to q's dtype."""
@@ -202,11 +192,8 @@ class DARKLearned(FeatureMap):
             xt = x @ M.transpose(-1, -2)
             return xt @ draw.W.T - 0.5 * sq_norm(xt), None
         omega = draw.W.to(dtype=x.dtype) @ M  # [..., m, d], rows M^T w ~ N(0, Sigma)
-        # log sqrt(p_I / p_Sigma)(omega) = (|w|^2 - |omega|^2 + log det Sigma) / 4, since
-        # omega^T Sigma^-1 omega = |w|^2 for invertible M; shared by both sides: [..., 1, m].
-        log_det = 2 * torch.linalg.slogdet(M).logabsdet
-        log_w = 0.25 * (sq_norm(draw.W).squeeze(-1) - sq_norm(omega).squeeze(-1) + log_det.unsqueeze(-1))
-        return x @ omega.transpose(-1, -2) - 0.5 * sq_norm(x) + log_w.unsqueeze(-2), None
+        # omega^T Sigma^-1 omega = |w|^2 for invertible M, so the weight needs only log det Sigma
+        return importance_log_features(x, draw.W, omega, 2 * torch.linalg.slogdet(M).logabsdet)
 
     # ------------------------------------------------------------------ closed-form variance
     def log_second_moment(self, x: torch.Tensor, y: torch.Tensor, params: Params) -> torch.Tensor:

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 
 from rfbench.errors import DataError
+from rfbench.suite.store import STATUSES  # in order of severity; re-exported for the report modules
 
 #: Key columns of a cell, besides the estimator identity (schema: RESULTS_SCHEMA.md).
 SLICE_KEYS = ("data", "seq_len", "num_features", "dim", "batch", "heads", "causal", "dtype", "device")
 IDENTITY = ("kind", "estimator", "feature_map", "weight_matrix")
-STATUSES = ("ok", "skipped", "oom", "error")  # in order of severity
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,14 @@ def load_run(path: str | Path, with_summary: bool = True) -> Run:
     else:
         results = normalise(_read_parquet(rfile), str(rfile))
         summary = normalise(_read_parquet(sfile), str(sfile)) if with_summary and sfile.is_file() else None
+        from rfbench.suite import store
+
+        if set(store.cell_files(path)) - set(results["cell"]):
+            # results.parquet predates cells finished since (a resumed run killed before it
+            # consolidated): read the cells, as the store's loaders do.
+            results = normalise(store.load_results(path), str(path / "cells"))
+            summary = normalise(store.load_summary(path), str(path / "cells")) if with_summary else None
+            notes.append("results.parquet was older than the finished cells: they were read from cells/")
     if not with_summary:
         summary = pd.DataFrame(columns=results.columns)
     elif summary is None:

@@ -33,6 +33,7 @@ from rfbench.report import (
     pick_slice,
     value_columns,
 )
+from rfbench.suite.store import mean_ci
 
 #: Metrics a leaderboard shows, in order, when the run has them.
 BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
@@ -206,7 +207,8 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
                 bad = gm[gm["status"] != "ok"]
                 cells.append(str(bad["status"].iloc[0]) if len(bad) else "—")
             else:
-                text = fmt_ci(*_mean_ci(per_seed))
+                mean, _, lo, hi = mean_ci(per_seed)
+                text = fmt_ci(mean, lo, hi)
                 n_all = gm["seed_index"].nunique()
                 if per_seed.size < n_all:  # seeds that failed on some data source are left out
                     text += f" ({per_seed.size} of {n_all} seeds)"
@@ -236,16 +238,6 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
     title += f" ({where})" if where else ""
     columns = ["estimator", "kernel", *[f"m={m}" for m in ms], "fit (ms)"]
     return Table(title, caption, columns, rows, status, "ll" + "r" * (len(ms) + 1))
-
-
-def _mean_ci(x: np.ndarray) -> tuple[float, float | None, float | None]:
-    from scipy.special import stdtrit
-
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, None, None
-    half = float(stdtrit(x.size - 1, 0.975) * x.std(ddof=1) / np.sqrt(x.size))
-    return mean, mean - half, mean + half
 
 
 def _short_target(target: str) -> str:

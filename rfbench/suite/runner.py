@@ -611,7 +611,9 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
     ests = []
     curves = []
     shared = None  # (fitted estimator, its row) when the fit does not depend on the seed
-    target_refs: list[tuple[object, torch.Tensor | None]] = []  # (estimator, its own-kernel output)
+    # (estimator, its own-kernel output): shared by the cells of this context, since the own kernel
+    # depends on the data and the fitted parameters only (DARK's whitening is the same for any m)
+    target_refs = ctx._cache.setdefault("target_refs", [])
     for i, row in enumerate(rows):
         est, row["draw_ms"] = X.timed_call(
             lambda row=row: make_estimator(
