@@ -190,7 +190,7 @@ class Estimator:
             w = rw.repeat(self.feature_map.per_omega)
             # sqrt(|w|) on each side; the sign of a (sparse-grid) weight goes to the query side.
             log_mag = log_mag + 0.5 * torch.log(w.abs())
-            if is_query and bool((w < 0).any()):
+            if is_query and self.draw_.signed:
                 factor = torch.sign(w) if factor is None else factor * torch.sign(w)
         return log_mag, factor
 
@@ -295,6 +295,7 @@ def _causal_linear_attention(
     S = torch.zeros(*lead, F, dv, dtype=Q.dtype, device=Q.device)
     z = torch.zeros(*lead, F, dtype=Q.dtype, device=Q.device)
     c = torch.full(lead, -math.inf, dtype=Q.dtype, device=Q.device)
+    future_full = torch.ones(chunk, chunk, dtype=torch.bool, device=Q.device).triu(1)  # [t, s]: s > t
     for i in range(0, L, chunk):
         sl = slice(i, min(i + chunk, L))
         Qc, Kc, vc, mc = Q[..., sl, :], K[..., sl, :], v[..., sl, :], mk[..., sl]
@@ -303,7 +304,7 @@ def _causal_linear_attention(
         num = (Qc @ S) * decay.unsqueeze(-1)
         den = (Qc @ z.unsqueeze(-1)).squeeze(-1) * decay
         diff = mc.unsqueeze(-2) - mc.unsqueeze(-1)  # [..., t, s] = mk_s - mk_t
-        future = torch.ones(n, n, dtype=torch.bool, device=Q.device).triu(1)
+        future = future_full[:n, :n]
         A = (Qc @ Kc.transpose(-1, -2)) * torch.exp(diff.masked_fill(future, -math.inf))
         num = num + A @ vc
         den = den + A.sum(dim=-1)

@@ -103,9 +103,7 @@ def _gerf(fm, W, params, d):
 
 
 def _dark(fm, W, params, d):
-    M = _transform_of(fm, params, d, W)
-    if M is None:
-        return _posrf(fm, W, params, d)
+    M = fm.transform(params).to(device=W.device, dtype=W.dtype)  # fixed or fitted: no probe, no sync
     return W @ M, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device), M
 
 
@@ -154,8 +152,7 @@ def not_supported_reasons(est) -> list[str]:
             f"feature map {name!r} is not of the positive exponential family the fused kernels serve "
             f"({', '.join(ADAPTERS)})"
         )
-    rw = est.draw_.row_weights
-    if rw is not None and bool((rw < 0).any()):
+    if est.draw_.signed:
         reasons.append(
             f"weight matrix {est.weight_matrix.name!r} drew negative quadrature weights, so the features "
             "are signed; the fused kernels serve positive features only"

@@ -7,6 +7,7 @@ given, then cast, so the same seed gives the same numbers on every device (up to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -33,6 +34,12 @@ class WeightDraw:
     def to(self, device=None, dtype=None) -> WeightDraw:
         rw = None if self.row_weights is None else self.row_weights.to(device=device, dtype=dtype)
         return WeightDraw(self.W.to(device=device, dtype=dtype), rw, self.notes)
+
+    @functools.cached_property
+    def signed(self) -> bool:
+        """Whether some row weight is negative (signed features). Read once per draw: on a GPU
+        the check waits for the device, so the attention path must not repeat it per call."""
+        return self.row_weights is not None and bool((self.row_weights < 0).any())
 
 
 class WeightMatrix:
