@@ -268,13 +268,17 @@ class Estimator:
         vc = self._cast(v)
         params = self._params(qs, ks, scale, causal=causal)
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
-        if not causal:
-            kv = K.transpose(-1, -2) @ vc  # [..., F, dv]
-            z = K.sum(dim=-2)  # [..., F]
-            out = (Q @ kv) / (Q @ z.unsqueeze(-1))
-        else:
-            out = _causal_linear_attention(Q, K, mk.squeeze(-1), vc, chunk)
-        return out.to(v.dtype)
+        return _linear_attention(Q, K, mk, vc, causal, chunk).to(v.dtype)
+
+
+def _linear_attention(Q, K, mk, v, causal: bool, chunk: int) -> torch.Tensor:
+    """phi(Q) (phi(K)^T v) / phi(Q) (phi(K)^T 1) from stabilised features (``_stable_features``;
+    ``mk`` ``[..., L, 1]``); causal: chunked with the keys' prefix constant."""
+    if causal:
+        return _causal_linear_attention(Q, K, mk.squeeze(-1), v, chunk)
+    kv = K.transpose(-1, -2) @ v  # [..., F, dv]
+    z = K.sum(dim=-2)  # [..., F]
+    return (Q @ kv) / (Q @ z.unsqueeze(-1))
 
 
 def _causal_linear_attention(

@@ -53,13 +53,8 @@ def torch_rf_attention(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Linear-time torch path: O(L F (d + dv)) time, ``[..., L, F]`` features in memory."""
-    from rfbench.estimator import _causal_linear_attention
+    from rfbench.estimator import _linear_attention
 
     Q, _ = naive_features(q, fp, "row", dtype)
     K, mk = naive_features(k, fp, "prefix" if causal else "shared", dtype)
-    vc = v.to(dtype)
-    if causal:
-        return _causal_linear_attention(Q, K, mk.squeeze(-1), vc, chunk)
-    kv = K.transpose(-1, -2) @ vc  # [..., F, dv]
-    z = K.sum(dim=-2)  # [..., F]
-    return (Q @ kv) / (Q @ z.unsqueeze(-1))
+    return _linear_attention(Q, K, mk, v.to(dtype), causal, chunk)
