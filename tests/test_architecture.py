@@ -225,7 +225,8 @@ def test_import_edges_are_resolved_like_python(tmp_path):
     (pkg / "base.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from . import leaf\nfrom .. import base\n")
     (pkg / "sub" / "leaf.py").write_text(
-        "import pkg.base\nfrom pkg.base import thing\n\ndef f():\n    from .. import sub\n    from .other import x\n"
+        "import pkg.base\nfrom pkg.base import thing\n\n"
+        "def f():\n    from .. import sub\n    from .other import x\n"
     )
     graph, _ = import_graph(pkg)
     assert graph["pkg"] == {"pkg.sub.leaf": 1}  # `from pkg.sub import leaf`: leaf is a module
