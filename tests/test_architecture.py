@@ -323,6 +323,12 @@ def test_reading_a_suite_imports_no_trainer_runner_or_report():
     )
 
 
+def test_the_import_probe_sees_what_was_imported():
+    mods, flag = _modules_after("import colorsys")
+    assert "colorsys" in mods and flag == "LEARNING_IS_PACKAGE False"
+    assert _matches("matplotlib.pyplot", ("matplotlib",)) and not _matches("matplotlibx", ("matplotlib",))
+
+
 def test_importing_ops_does_not_import_triton():
     mods, _ = _modules_after("import rfbench.ops")
     hits = sorted(m for m in mods if _matches(m, ("triton",)))
