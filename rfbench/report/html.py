@@ -146,9 +146,9 @@ def render_report(
     body = _page(run, out_dir, figures, [to_html(t) for t in tables], table_files, embed,
                  time.perf_counter() - started)
     page = out_dir / "report.html"
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(page)  # atomic: a reader never sees half a page
+    from rfbench.results.atomic import write_text
+
+    write_text(page, body)  # atomic: a reader never sees half a page
     return page, figures
 
 
