@@ -33,7 +33,7 @@ from rfbench.report import (
     pick_slice,
     value_columns,
 )
-from rfbench.suite.store import mean_ci
+from rfbench.results.summary import mean_ci
 
 #: Metrics a leaderboard shows, in order, when the run has them.
 BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
