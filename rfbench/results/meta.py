@@ -79,14 +79,19 @@ class Meta:
     command: list[str] = field(default_factory=list)  # argv of the latest run
     runs: list[dict] = field(default_factory=list)  # one record per writer (run, resume, shard)
     extra: dict = field(default_factory=dict)  # keys this version does not know
+    #: The document as read (None for a Meta built in memory); backs the transitional mapping
+    #: view below, not the attributes.
+    document: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = META_FILE) -> Meta:
         """A Meta from a parsed meta.json (this layout or an older flat one)."""
         if not isinstance(doc, dict):
             raise DataError(f"{where} must hold a JSON object, got {type(doc).__name__}")
-        doc = dict(doc)
-        legacy = {new: doc.pop(old) for old, new in LEGACY.items() if old in doc and doc[old] not in (None, "")}
+        original, doc = doc, dict(doc)
+        legacy = {
+            new: doc.pop(old) for old, new in LEGACY.items() if old in doc and doc[old] not in (None, "")
+        }
         try:
             suite = doc.pop("suite", {})
             suite = _record(SuiteRecord, suite if isinstance(suite, dict) else {"name": str(suite)})
@@ -115,13 +120,32 @@ class Meta:
         for target, value in legacy.items():
             _apply_legacy(meta, target, value)
         meta.extra = doc
+        meta.document = original
         return meta
 
     def to_dict(self) -> dict:
         """The JSON document (the layout ``from_dict`` reads back)."""
         doc = dataclasses.asdict(self)
         extra = doc.pop("extra")
+        doc.pop("document")
         return {**doc, **extra}
+
+    # Transitional: a read-only mapping view of the document as read, for readers that still
+    # index meta.json by key (report.html's metadata rows). New code reads the attributes.
+    def _view(self) -> dict:
+        return self.document if self.document is not None else self.to_dict()
+
+    def __getitem__(self, key: str):
+        return self._view()[key]
+
+    def get(self, key: str, default=None):
+        return self._view().get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._view()
+
+    def __bool__(self) -> bool:
+        return bool(self._view())
 
     def device_text(self) -> str:
         """The devices the run used, by name ("AMD EPYC", "NVIDIA H100 80GB HBM3")."""

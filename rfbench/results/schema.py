@@ -37,7 +37,11 @@ class Column:
     later: bool = False  # added after cell files were first written: an old file lacks it
 
     def __post_init__(self):
-        if self.dtype not in DTYPES or self.role not in ROLES or self.direction not in ("lower", "higher", None):
+        if (
+            self.dtype not in DTYPES
+            or self.role not in ROLES
+            or self.direction not in ("lower", "higher", None)
+        ):
             raise ValueError(f"bad column declaration {self!r}")
 
 
@@ -79,8 +83,14 @@ _DECLARED: tuple[Column, ...] = (
     _metric("time_ms_p20", "forward time, 20th percentile", "ms"),
     _metric("time_ms_p80", "forward time, 80th percentile", "ms"),
     _metric("tokens_per_s", "throughput", "tokens/s", "higher"),
-    _metric("peak_mem_bytes", "peak memory", "bytes", short="peak mem.", display_unit="MiB",
-            display_scale=1 / 2**20),
+    _metric(
+        "peak_mem_bytes",
+        "peak memory",
+        "bytes",
+        short="peak mem.",
+        display_unit="MiB",
+        display_scale=1 / 2**20,
+    ),
     _metric("draw_ms", "weight draw time", "ms"),
     _metric("fit_ms", "fit time", "ms"),
     Column("n_rep", "int64", "other", label="timed repeats"),

@@ -61,7 +61,10 @@ def table(rows: Iterable[dict]) -> pa.Table:
     """Rows (dicts) as an Arrow table with exactly the results columns, in order, typed."""
     rows = list(rows)
     return pa.table(
-        [pa.array([_value(r.get(n), c.dtype) for r in rows], type=_ARROW[c.dtype]) for n, c in COLUMNS.items()],
+        [
+            pa.array([_value(r.get(n), c.dtype) for r in rows], type=_ARROW[c.dtype])
+            for n, c in COLUMNS.items()
+        ],
         schema=SCHEMA,
     )
 
@@ -303,8 +306,9 @@ def load_tables(path, with_summary: bool = True) -> Tables:
                 summary = None
         elif with_summary:
             notes.append(
-                "summary.parquet is missing: it was rebuilt from cells/" if files else
-                "summary.parquet is missing: means and CIs were recomputed from results.parquet "
+                "summary.parquet is missing: it was rebuilt from cells/"
+                if files
+                else "summary.parquet is missing: means and CIs were recomputed from results.parquet "
                 "(no cross-seed bias²/variance)"
             )
     if with_summary and summary is None:
