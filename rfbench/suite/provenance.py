@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -106,12 +107,15 @@ def machine(devices: list[str]) -> dict:
 
 def build_meta(suite: Suite, devices: list[str], previous: Meta | None) -> Meta:
     """meta.json of a run of ``suite`` on ``devices`` into a folder that held ``previous``."""
-    from rfbench import __version__
     from rfbench import metrics as M
+
+    # The package is imported already (this module is part of it); reading its version from
+    # sys.modules keeps rfbench -> suite.runner -> provenance -> rfbench from being an import circle.
+    version = sys.modules["rfbench"].__version__
 
     validated = suite.to_dict()
     meta = Meta(
-        rfbench_version=__version__,
+        rfbench_version=version,
         suite=SuiteRecord(
             name=suite.name,
             path=None if suite.path is None else str(suite.path),
