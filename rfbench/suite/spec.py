@@ -75,7 +75,7 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     objective = "variance"
 
 Scalars are accepted where a list is expected (``causal = true``). Cell keys and seeds are
-derived in runner.py from these objects, never from the order of the file.
+derived in plan.py from these objects, never from the order of the file.
 """
 
 from __future__ import annotations
