@@ -266,7 +266,7 @@ def _page(run: Run, out_dir: Path, figures, table_html: list[str], table_files, 
     if isinstance(toml, str) and toml.strip():
         parts.append(f"<details><summary>Suite file</summary><pre>{e(toml)}</pre></details>")
     if run.meta:
-        meta_json = json.dumps(run.meta, indent=2, default=str, ensure_ascii=False)
+        meta_json = json.dumps(run.meta.to_dict(), indent=2, default=str, ensure_ascii=False)
         parts.append("<details><summary>All metadata (meta.json)</summary>"
                      f"<pre>{e(meta_json)}</pre></details>")
     parts += ["</section>", '<section id="guide" class="guide">', "<h2>How to read this report</h2>", "<ul>"]
