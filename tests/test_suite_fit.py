@@ -130,6 +130,23 @@ def test_fit_section_is_validated():
             parse_suite(SUITE.replace(old, new), source="fit-tiny.toml")
 
 
+def test_the_token_split_is_computed_once_per_length(monkeypatch):
+    """The plan splits each L once; the cells' rows, skips and data all use that split."""
+    suite = parse_suite(SUITE.replace(f"seq_len = [{L}]", f"seq_len = [{L}, 2]"), source="x.toml")
+    calls = []
+    real = type(suite.fit).split
+    monkeypatch.setattr(type(suite.fit), "split", lambda self, n: calls.append(n) or real(self, n))
+    cells = runner.plan(suite, prepare_sources(suite), ["cpu"])
+    assert sorted(calls) == [2, L]
+    held = int(L * HOLD)
+    for c in cells:
+        if c.seq_len == L:
+            assert c.split.sizes(L, True) == {"fit_len": L - held, "eval_len": held} and not c.skip
+        else:  # two tokens cannot be split: skipped with the reason, no sizes
+            assert c.split.error and c.skip.startswith("[fit] holdout")
+            assert c.split.sizes(2, True) == {"fit_len": 0, "eval_len": 0}
+
+
 def test_held_out_cells_are_other_cells():
     """[fit] changes what a cell measures, so it changes the cell ids (a resumed run never mixes
     them); an estimator's own fit settings change its ids only."""

@@ -361,3 +361,17 @@ def test_timing_and_memory_columns(tmp_path):
     assert (
         json.loads((tmp_path / "t" / "meta.json").read_text())["timing"]["timed_seeds"] == "seed_index 0 only"
     )
+
+
+def test_baselines_say_why_they_cannot_run():
+    from rfbench.suite import baselines
+
+    assert baselines.get("exact").supports("float32", "cpu") == []
+    reasons = baselines.get("flash").supports("float32", "cpu")
+    assert reasons == [
+        "FlashAttention runs on CUDA only",
+        "FlashAttention needs float16 or bfloat16, not float32",
+    ]
+    assert baselines.get("flash").supports("bfloat16", "cuda") == []
+    with pytest.raises(SpecError, match="known: exact, sdpa, flash, uniform"):
+        baselines.get("nope")
