@@ -3,8 +3,8 @@
 A results folder (see the runner) holds ``results.parquet`` (one row per cell and seed),
 ``summary.parquet`` (one row per cell: mean, std and 95% CI over seeds, cross-seed bias^2 and
 Monte Carlo variance) and ``meta.json``. This module reads it (parquet and JSON only, never
-pickle) and holds what the figures and tables share: metric labels and units, and the choice of
-the slice a figure shows when the run sweeps more axes than the figure has.
+pickle) and holds what the figures and tables share: metric labels and units. What they compute
+from it (slices, the C/m law, the Pareto front, floors) is in ``rfbench.report.analysis``.
 
     run = load_run("reports/quick")
     run.results, run.summary, run.meta
@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from rfbench.errors import DataError
@@ -108,84 +107,6 @@ def load_run(path: str | Path, with_summary: bool = True) -> Run:
 def normalise(df: pd.DataFrame, where: str) -> pd.DataFrame:
     """Check the columns every reader needs and fill those an older table lacks (``store.conform``)."""
     return store.conform(df, where, summary="n_seeds" in df)
-
-
-def value_columns(frame: pd.DataFrame, metric: str) -> tuple[str, str | None, str | None]:
-    """(mean, ci_low, ci_high) column names of ``metric`` in a summary (CI None if absent)."""
-    mean = f"{metric}_mean" if f"{metric}_mean" in frame else metric
-    lo, hi = f"{metric}_ci_low", f"{metric}_ci_high"
-    return mean, (lo if lo in frame else None), (hi if hi in frame else None)
-
-
-def has_metric(frame: pd.DataFrame, metric: str) -> bool:
-    col = value_columns(frame, metric)[0]
-    return col in frame and bool(np.isfinite(pd.to_numeric(frame[col], errors="coerce")).any())
-
-
-def pick_slice(
-    frame: pd.DataFrame, vary: tuple[str, ...], prefer: dict | None = None
-) -> tuple[pd.DataFrame, dict]:
-    """The rows of the most complete slice in which every key but ``vary`` is fixed.
-
-    A run may sweep more axes than a figure shows. Among the combinations of the other keys,
-    pick the one that covers the most distinct values of ``vary`` (ties: the most rows, then
-    the values most frequent in the run, then the largest values), after keeping only the
-    ``prefer`` values (e.g. ``{"num_features": 128}``) where they occur. Returns the rows and the
-    fixed values that the run varies or that were preferred (for captions).
-    """
-    preferred = {}
-    for key, value in (prefer or {}).items():
-        if key in frame and key not in vary and (frame[key] == value).any():
-            varied = frame[key].nunique() > 1
-            frame = frame[frame[key] == value]
-            if varied:
-                preferred[key] = value
-    fixed = [c for c in SLICE_KEYS if c in frame and c not in vary and frame[c].nunique(dropna=False) > 1]
-    if not fixed or frame.empty:
-        return frame, preferred
-    vary_cols = [c for c in vary if c in frame] or ["estimator"]
-    freq = {c: frame[c].value_counts(dropna=False) for c in fixed}
-    best, best_score = None, None
-    for values, grp in frame.groupby(fixed, sort=True, dropna=False):
-        values = values if isinstance(values, tuple) else (values,)
-        cover = len(grp[vary_cols].drop_duplicates())
-        common = sum(int(freq[c].get(v, 0)) for c, v in zip(fixed, values))
-        score = (cover, len(grp), common, tuple(_sortable(v) for v in values))
-        if best_score is None or score > best_score:
-            best, best_score = values, score
-    chosen = {**preferred, **dict(zip(fixed, best))}
-    mask = np.ones(len(frame), bool)
-    for key, value in chosen.items():
-        mask &= (frame[key] == value).to_numpy()
-    return frame[mask], chosen
-
-
-def _sortable(v):
-    return (0, float(v), "") if isinstance(v, (int, float, np.number)) else (1, 0.0, str(v))
-
-
-def describe_slice(fixed: dict) -> str:
-    """'L=512, m=64, data=isotropic' from a pick_slice result."""
-    names = {"seq_len": "L", "num_features": "m", "dim": "d", "batch": "B", "heads": "H"}
-    return ", ".join(f"{names.get(k, k)}={_plain(v)}" for k, v in fixed.items())
-
-
-def _plain(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    return v
-
-
-def baselines_for(frame: pd.DataFrame, fixed: dict) -> pd.DataFrame:
-    """Baseline rows matching a slice of estimator rows (baselines have no m)."""
-    rows = frame[frame["kind"] == "baseline"]
-    for key, value in fixed.items():
-        if key in ("num_features", "feature_dim") or key not in rows:
-            continue
-        rows = rows[rows[key] == value]
-    return rows
 
 
 def meta_lookup(meta, *names: str, default=None):

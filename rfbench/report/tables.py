@@ -23,16 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfbench.report import (
-    METRICS,
-    STATUSES,
-    Run,
-    baselines_for,
-    describe_slice,
-    has_metric,
-    pick_slice,
-    value_columns,
-)
+from rfbench.report import METRICS, STATUSES, Run
+from rfbench.report.analysis import baselines_for, describe_slice, has_metric, pick_slice, value_columns
 from rfbench.results.summary import mean_ci
 
 #: Metrics a leaderboard shows, in order, when the run has them.
