@@ -27,6 +27,7 @@ from rfbench.report.analysis import (
     ok_rows,
     pareto_front,
     pick_slice,
+    seed_means_over_data,
     seeds_text,
     series,
     spans_decades,
@@ -175,6 +176,18 @@ def test_error_grid_marks_failed_and_missing_pairs():
     values, notes = error_grid(rows, "kernel_rel_mse", ["posrf", "hyprf"], ["iid", "orf"])
     np.testing.assert_array_equal(values, [[0.0123, np.nan], [0.5, np.nan]])
     assert notes.tolist() == [["0.012", "oom"], ["0.5", "—"]]
+
+
+def test_seed_means_over_data_keep_only_seeds_ok_on_every_source():
+    rows = pd.DataFrame({
+        "data": ["layer0", "layer1"] * 3,
+        "seed_index": [0, 0, 1, 1, 2, 2],
+        "status": ["ok", "ok", "ok", "error", "ok", "ok"],
+        "v": [1.0, 3.0, 5.0, np.nan, 2.0, np.nan],
+    })
+    # seed 1 failed on layer1, seed 2 lacks its layer1 value
+    np.testing.assert_array_equal(seed_means_over_data(rows, "v"), [2.0])
+    assert seed_means_over_data(rows.iloc[:2], "v").tolist() == [2.0]
 
 
 def test_bias2_noise_floor_is_variance_over_seeds():

@@ -258,6 +258,18 @@ def bias2_noise_floor(variance, n_seeds) -> np.ndarray:
     return np.asarray(variance, float) / np.maximum(np.asarray(n_seeds, float), 1)
 
 
+def seed_means_over_data(rows: pd.DataFrame, col: str) -> np.ndarray:
+    """Per seed index, the mean of ``col`` over the data sources of ``rows``. [n_seeds]
+
+    ``rows``: one cell per data source (every other key fixed), one row per seed index. A seed
+    counts only where every data source of ``rows`` is ok with a finite value, so each mean is
+    over the same sources; seeds that failed somewhere are left out (the caller says how many).
+    """
+    ok = rows[(rows["status"] == "ok") & rows[col].notna()]
+    per_seed = ok.groupby("seed_index")[col].agg(["mean", "count"])
+    return per_seed[per_seed["count"] == rows["data"].nunique()]["mean"].to_numpy(float)
+
+
 # ------------------------------------------------------------------------------ caption counts
 def seeds_text(frame: pd.DataFrame) -> str:
     """'4 seeds' or '3–4 seeds': the ok seeds behind the rows' means."""
