@@ -125,13 +125,6 @@ def meta_lookup(meta, *names: str, default=None):
     return default
 
 
-def registry_order() -> tuple[list[str], list[str]]:
-    """Feature-map and weight-matrix names in registry order (fixes colours across reports)."""
-    from rfbench import registry
-
-    return registry.feature_maps(), registry.weight_matrices()
-
-
 def peak_memory_note(run: Run) -> str | None:
     """What peak memory means for the run's devices (meta.json's note, per device if it has one)."""
     s = run.summary

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfbench.report import registry_order
 from rfbench.report.analysis import spans_decades
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d")
@@ -62,6 +61,13 @@ def _rc() -> dict:
                "axes.spines.top": False, "axes.spines.right": False, "grid.linewidth": 0.6,
                "lines.linewidth": 1.6, "lines.markersize": 5})
     return rc
+
+
+def registry_order() -> tuple[list[str], list[str]]:
+    """Feature-map and weight-matrix names in registry order (fixes colours across reports)."""
+    from rfbench import registry
+
+    return registry.feature_maps(), registry.weight_matrices()
 
 
 class Palette:
