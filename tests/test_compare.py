@@ -139,3 +139,14 @@ def test_missing_or_broken_folder_exits_2_with_one_line(runs, tmp_path, capsys):
     (broken / "results.parquet").write_bytes(b"PAR1 garbage")
     code, _, err = _cli(capsys, broken, runs["base"])
     assert code == 2 and "cannot read" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_suite_of_an_old_table_comes_from_meta_json(runs, tmp_path, capsys):
+    """A results table without a suite column: the suites compared are meta.json's (typed Meta)."""
+    import shutil
+
+    folder = shutil.copytree(runs["other_suite"], tmp_path / "old")
+    results = pd.read_parquet(folder / "results.parquet").drop(columns="suite")
+    results.to_parquet(folder / "results.parquet", index=False)
+    code, _, err = _cli(capsys, runs["base"], folder)
+    assert code == 2 and "different suites (synthetic vs other)" in err

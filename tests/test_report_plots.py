@@ -11,7 +11,7 @@ import pytest
 from test_report_synthetic import SMALL, make_run
 
 from rfbench.report import load_run
-from rfbench.report.plots import Figure, Options, Palette, Skip, _pareto_front, _spans_decades, render_figures
+from rfbench.report.plots import Figure, Options, Palette, Skip, render_figures
 
 # name -> texts its SVG must contain (axis labels with units, legend entries, annotations)
 EXPECTED = {
@@ -71,8 +71,6 @@ def test_error_axes_are_logarithmic_when_the_values_span_decades(rendered):
     # Log axes get 1-2-5 / decade tick labels from rfbench; a linear axis would print 0.2, 0.4...
     text = svg_text(opts.out_dir.parent / figures["kernel_error_vs_features"].files[1])
     assert "0.01" in text and "0.1" in text
-    assert _spans_decades([0.01, 0.2]) and not _spans_decades([0.3, 0.9])
-    assert not _spans_decades([0.0, 5.0, float("nan")])
 
 
 def test_captions_name_the_slice_and_what_was_left_out(rendered):
@@ -88,12 +86,6 @@ def test_colours_follow_the_weight_matrix_not_the_run():
     b = Palette(pd.DataFrame({"feature_map": ["hyprf"], "weight_matrix": ["orf"]}))
     assert a.colour["orf"] == b.colour["orf"] and a.colour["iid"] != a.colour["orf"]
     assert a.marker["posrf"] == b.marker["posrf"]
-
-
-def test_pareto_front_keeps_only_undominated_points():
-    rows = pd.DataFrame({"t": [1.0, 2.0, 3.0, 2.5, 4.0], "e": [0.5, 0.3, 0.35, 0.2, 0.2]})
-    front = _pareto_front(rows, "t", "e")
-    assert list(front.index) == [0, 1, 3]
 
 
 def test_closed_form_overlay_is_drawn_when_the_run_stores_it(tmp_path):

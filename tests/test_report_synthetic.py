@@ -19,7 +19,8 @@ import pytest
 from scipy import stats
 
 from rfbench.errors import DataError
-from rfbench.report import load_run, pick_slice
+from rfbench.report import load_run
+from rfbench.report.analysis import pick_slice
 
 FEATURE_MAPS = {"posrf": 2.0, "hyprf": 1.2, "trigrf": 8.0}  # kernel rel. MSE constant C_fm
 WEIGHTS = {"iid": 1.0, "orf": 0.7, "sorf": 0.75, "qmc": 0.6}  # variance factor vs i.i.d.

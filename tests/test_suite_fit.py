@@ -21,12 +21,16 @@ import torch
 import rfbench as rb
 from rfbench import exact
 from rfbench import metrics as M
+from rfbench import results as R
 from rfbench.data.io import load_bundled
 from rfbench.errors import SpecError
 from rfbench.learning import FitConfig, fit_estimator, split_tokens, target_attention
 from rfbench.report import Run, load_run
 from rfbench.report.tables import held_out_tables, is_held_out, to_markdown
-from rfbench.suite import runner, store
+from rfbench.results import store
+from rfbench.results.schema import LATER_COLUMNS
+from rfbench.suite import baselines, runner
+from rfbench.suite.sources import prepare_sources
 from rfbench.suite.spec import parse_suite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +74,7 @@ objective = "kernel"
 def fit_run(tmp_path_factory):
     suite = parse_suite(SUITE, source="fit-tiny.toml")
     out = runner.run_suite(suite, tmp_path_factory.mktemp("fit") / "run", progress=False)
-    return suite, out, rb.load_results(out)
+    return suite, out, R.load_results(out)
 
 
 def _data():
@@ -126,13 +130,30 @@ def test_fit_section_is_validated():
             parse_suite(SUITE.replace(old, new), source="fit-tiny.toml")
 
 
+def test_the_token_split_is_computed_once_per_length(monkeypatch):
+    """The plan splits each L once; the cells' rows, skips and data all use that split."""
+    suite = parse_suite(SUITE.replace(f"seq_len = [{L}]", f"seq_len = [{L}, 2]"), source="x.toml")
+    calls = []
+    real = type(suite.fit).split
+    monkeypatch.setattr(type(suite.fit), "split", lambda self, n: calls.append(n) or real(self, n))
+    cells = runner.plan(suite, prepare_sources(suite), ["cpu"])
+    assert sorted(calls) == [2, L]
+    held = int(L * HOLD)
+    for c in cells:
+        if c.seq_len == L:
+            assert c.split.sizes(L, True) == {"fit_len": L - held, "eval_len": held} and not c.skip
+        else:  # two tokens cannot be split: skipped with the reason, no sizes
+            assert c.split.error and c.skip.startswith("[fit] holdout")
+            assert c.split.sizes(2, True) == {"fit_len": 0, "eval_len": 0}
+
+
 def test_held_out_cells_are_other_cells():
     """[fit] changes what a cell measures, so it changes the cell ids (a resumed run never mixes
     them); an estimator's own fit settings change its ids only."""
 
     def ids(text):
         suite = parse_suite(text, source="x.toml")
-        cells = runner.plan(suite, runner.prepare_sources(suite), ["cpu"])
+        cells = runner.plan(suite, prepare_sources(suite), ["cpu"])
         return {c.name: c.cell for c in cells}
 
     with_fit, without = ids(SUITE), ids(SUITE.split("[fit]")[0])
@@ -163,14 +184,14 @@ def test_configs_that_cannot_train_a_learner_are_refused_before_running(tmp_path
 def test_too_short_sequences_are_skipped_with_the_reason(tmp_path):
     text = SUITE.replace(f"seq_len = [{L}]", "seq_len = [2]").replace("holdout = 0.25", "holdout = 0.1")
     out = runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "r", progress=False)
-    df = rb.load_results(out)
+    df = R.load_results(out)
     assert (df["status"] == "skipped").all()
     assert df["message"].str.contains(r"\[fit\] holdout = 0.1").all()
     # 8 tokens: 6 to fit on, too few for the learners' 8 validation blocks; the rest still run
     text = SUITE.replace(f"seq_len = [{L}]", "seq_len = [8]").replace(
         "num_features = [4, 8]", "num_features = [4]"
     )
-    df = rb.load_results(runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "s", progress=False))
+    df = R.load_results(runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "s", progress=False))
     learners = df["estimator"].isin(["darkl-iid", "oprf-fastfoodl"])
     assert (df.loc[learners, "status"] == "skipped").all() and (df.loc[~learners, "status"] == "ok").all()
     assert df.loc[learners, "message"].str.contains("cannot be split for validation").all()
@@ -179,7 +200,7 @@ def test_too_short_sequences_are_skipped_with_the_reason(tmp_path):
 # --------------------------------------------------------------------------- what is measured where
 def test_columns_and_labels(fit_run):
     _, out, df = fit_run
-    assert list(df.columns) == list(store.COLUMNS)
+    assert list(df.columns) == list(R.COLUMNS)
     assert set(df["status"]) == {"ok"}
     n_fit, n_held = L - round(L * HOLD), round(L * HOLD)
     assert (df["fit_len"] == n_fit).all() and (df["eval_len"] == n_held).all()
@@ -313,20 +334,21 @@ def test_baselines_are_measured_on_held_out_tokens(fit_run):
 
 def test_uniform_baseline_causal_is_a_prefix_mean():
     v = torch.randn(2, 5, 3, dtype=torch.float64)
-    out = runner.uniform_attention(v, causal=True)
+    out = baselines.uniform_attention(v, causal=True)
     for i in range(5):
         assert torch.allclose(out[:, i], v[:, : i + 1].mean(dim=1))
-    assert torch.allclose(runner.uniform_attention(v, causal=False), v.mean(dim=1, keepdim=True).expand_as(v))
+    mean = v.mean(dim=1, keepdim=True).expand_as(v)
+    assert torch.allclose(baselines.uniform_attention(v, causal=False), mean)
     # bf16 cannot count past 256: the prefix means are computed in float32
     long = torch.randn(1, 2048, 4, dtype=torch.float64)
-    half = runner.uniform_attention(long.bfloat16(), causal=True).double()
-    ref = runner.uniform_attention(long.bfloat16().double(), causal=True)
+    half = baselines.uniform_attention(long.bfloat16(), causal=True).double()
+    ref = baselines.uniform_attention(long.bfloat16().double(), causal=True)
     assert float((half - ref).norm() / ref.norm()) < 4e-3  # bf16 rounding of the result only
 
 
 def test_fit_run_is_reproducible(fit_run, tmp_path):
     suite, _, df = fit_run
-    again = rb.load_results(runner.run_suite(suite, tmp_path / "again", progress=False))
+    again = R.load_results(runner.run_suite(suite, tmp_path / "again", progress=False))
     cols = ["out_rel_err", "kernel_rel_mse", "target_out_rel_err", "target_kernel_rel_mse", "fit_best_step"]
     a = df.sort_values(["cell", "seed_index"])[cols].to_numpy(float)
     b = again.sort_values(["cell", "seed_index"])[cols].to_numpy(float)
@@ -350,12 +372,12 @@ def test_cell_files_written_before_the_new_columns_still_load(fit_run, tmp_path)
     _, out, _ = fit_run
     path = next(iter(store.cell_files(out).values()))
     tab = pq.read_table(path)
-    old = tab.drop_columns([c for c in store.LATER_COLUMNS if c in tab.column_names])
+    old = tab.drop_columns([c for c in LATER_COLUMNS if c in tab.column_names])
     target = tmp_path / "cells" / path.name
     target.parent.mkdir()
     pq.write_table(old, target)
     rows, _ = store.read_cell(target)
-    assert list(rows.columns) == list(store.COLUMNS)
+    assert list(rows.columns) == list(R.COLUMNS)
     assert (rows["eval_len"] == rows["seq_len"]).all() and (rows["target"] == "").all()
 
 

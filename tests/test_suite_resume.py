@@ -12,8 +12,9 @@ import time
 import pandas as pd
 import pytest
 
-import rfbench as rb
-from rfbench.suite import runner, store
+from rfbench import results as R
+from rfbench.results import store
+from rfbench.suite import cells, runner
 from rfbench.suite.spec import parse_suite
 
 SUITE = """
@@ -43,7 +44,7 @@ threads = 1
 
 
 def _stable(df):
-    stable = df.drop(columns=list(store.TIMED_COLUMNS))
+    stable = df.drop(columns=list(R.TIMED_COLUMNS))
     return stable.sort_values(["cell", "seed_index"]).reset_index(drop=True)
 
 
@@ -69,25 +70,25 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done_before = set(store.cell_files(out))
     assert 1 <= len(done_before) < n_cells  # killed in the middle of the sweep
-    meta = store.load_meta(out)
-    assert meta["runs"][-1]["status"] == "running"  # the killed run never closed its record
+    meta = R.load_meta(out)
+    assert meta.runs[-1]["status"] == "running"  # the killed run never closed its record
 
     calls = []
-    real = runner.run_cell
+    real = cells.run_cell
     monkeypatch.setattr(
-        runner, "run_cell", lambda cell, holder, suite: calls.append(cell.cell) or real(cell, holder, suite)
+        cells, "run_cell", lambda cell, holder, suite: calls.append(cell.cell) or real(cell, holder, suite)
     )
     resumed = runner.run_suite(suite_file, out, resume=True, progress=False)
     assert not set(calls) & done_before  # finished cells were not run again
-    df = rb.load_results(resumed)
+    df = R.load_results(resumed)
     assert df["cell"].nunique() == n_cells and not df.duplicated(["cell", "seed_index"]).any()
     assert len(df) == 3 * (1 + 2 * 3 * 2)
     assert set(df["status"]) == {"ok"}
-    assert [r["resume"] for r in store.load_meta(out)["runs"]] == [False, True]
+    assert [r["resume"] for r in R.load_meta(out).runs] == [False, True]
 
     # The same cells, uninterrupted (untimed, to be quick: timing settings are not part of a cell).
     untimed = SUITE.split("[timing]")[0] + "[timing]\nenabled = false\nthreads = 1\n"
-    whole = rb.load_results(runner.run_suite(parse_suite(untimed), tmp_path / "whole", progress=False))
+    whole = R.load_results(runner.run_suite(parse_suite(untimed), tmp_path / "whole", progress=False))
     pd.testing.assert_frame_equal(_stable(df), _stable(whole))
     summary = store.load_summary(resumed)
     assert len(summary) == n_cells

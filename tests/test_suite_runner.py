@@ -13,8 +13,12 @@ import torch
 import rfbench as rb
 from rfbench import cli
 from rfbench import metrics as M
+from rfbench import results as R
 from rfbench.errors import SpecError
-from rfbench.suite import runner, store
+from rfbench.results import store
+from rfbench.suite import cells, runner, terminal
+from rfbench.suite.plan import cell_id, derive_seed
+from rfbench.suite.sources import prepare_sources
 from rfbench.suite.spec import parse_suite
 
 SUITE = """
@@ -51,19 +55,19 @@ def _suite(text=SUITE):
 
 
 def _stable(df: pd.DataFrame) -> pd.DataFrame:
-    stable = df.drop(columns=list(store.TIMED_COLUMNS))
+    stable = df.drop(columns=list(R.TIMED_COLUMNS))
     return stable.sort_values(["cell", "seed_index"]).reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = runner.run_suite(_suite(), tmp_path_factory.mktemp("runs") / "full", progress=False)
-    return out, rb.load_results(out)
+    return out, R.load_results(out)
 
 
 def test_results_contract(full_run):
     out, df = full_run
-    assert list(df.columns) == list(store.COLUMNS)
+    assert list(df.columns) == list(R.COLUMNS)
     n_cells = 2 * 2 * 2 * (2 + 2 * 3)  # data x L x causal x (baselines + m x estimators)
     assert df["cell"].nunique() == n_cells
     assert len(df) == 2 * 2 * 2 * (2 + 2 * 3 * 3)  # estimators: one row per seed
@@ -107,8 +111,8 @@ def test_results_contract(full_run):
     b = summary[summary["kind"] == "baseline"]
     assert b["out_rel_err_std"].isna().all() and b["bias2"].isna().all()  # one run: no spread
 
-    meta = store.load_meta(out)
-    assert meta["suite"]["toml"] == SUITE and meta["suite"]["parsed"]["suite"]["name"] == "tiny"
+    meta = R.load_meta(out)
+    assert meta.suite.toml == SUITE and meta.suite.parsed["suite"]["name"] == "tiny"
     for key in (
         "rfbench_version",
         "git",
@@ -122,8 +126,8 @@ def test_results_contract(full_run):
         "runs",
         "seeds",
     ):
-        assert key in meta
-    assert meta["runs"][-1]["status"] == "finished" and "RSS" in meta["peak_memory"]["cpu"]
+        assert key in meta.to_dict()
+    assert meta.runs[-1]["status"] == "finished" and "RSS" in meta.peak_memory["cpu"]
 
 
 def test_metrics_agree_with_a_direct_computation(full_run):
@@ -141,8 +145,8 @@ def test_metrics_agree_with_a_direct_computation(full_run):
     q, k, v = synthetic.make("anisotropic", seq_len=40, dim=8, cond=10.0)
     scale = 1 / math.sqrt(8)
     ests = [rb.make_estimator("darkis-iid", 8, 8, seed=int(s)).fit(q, k, scale=scale) for s in rows["seed"]]
-    source = next(s for s in runner.prepare_sources(_suite()) if s.label == "anisotropic(cond=10)")
-    sample = M.sample_rows(40, 30, seed=runner.derive_seed({"data": source.key, "seq_len": 40}, 0, 0))
+    source = next(s for s in prepare_sources(_suite()) if s.label == "anisotropic(cond=10)")
+    sample = M.sample_rows(40, 30, seed=derive_seed({"data": source.key, "seq_len": 40}, 0, 0))
     ke = M.kernel_errors(ests, q, k, scale=scale, rows=sample, causal=True, tile=16)
     assert rows["kernel_rel_mse"].tolist() == pytest.approx(ke.kernel_rel_mse, rel=1e-12)
     assert rows["attn_mse"].tolist() == pytest.approx(ke.attn_mse, rel=1e-12)
@@ -157,7 +161,7 @@ def test_metrics_agree_with_a_direct_computation(full_run):
 def test_seeds_do_not_depend_on_order_or_sharding(full_run, tmp_path, monkeypatch):
     _, full = full_run
     shards = [
-        rb.load_results(runner.run_suite(_suite(), tmp_path / f"s{i}", shard=f"{i}/3", progress=False))
+        R.load_results(runner.run_suite(_suite(), tmp_path / f"s{i}", shard=f"{i}/3", progress=False))
         for i in (1, 2, 3)
     ]
     assert sum(len(s) for s in shards) == len(full)
@@ -165,20 +169,20 @@ def test_seeds_do_not_depend_on_order_or_sharding(full_run, tmp_path, monkeypatc
 
     plan = runner.plan
     monkeypatch.setattr(runner, "plan", lambda *a: plan(*a)[::-1])  # every cell in the opposite order
-    backwards = rb.load_results(runner.run_suite(_suite(), tmp_path / "rev", progress=False))
+    backwards = R.load_results(runner.run_suite(_suite(), tmp_path / "rev", progress=False))
     pd.testing.assert_frame_equal(_stable(backwards), _stable(full))
 
 
 def test_derived_seeds():
     key = {"kind": "estimator", "estimator": {"name": "posrf-iid"}, "seq_len": 8}
-    seeds = [runner.derive_seed(key, 0, i) for i in range(4)]
+    seeds = [derive_seed(key, 0, i) for i in range(4)]
     assert len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
     assert seeds == [
-        runner.derive_seed(dict(reversed(list(key.items()))), 0, i) for i in range(4)
+        derive_seed(dict(reversed(list(key.items()))), 0, i) for i in range(4)
     ]  # key order
-    assert runner.derive_seed(key, 1, 0) != seeds[0]
-    assert runner.derive_seed({**key, "seq_len": 9}, 0, 0) != seeds[0]
-    assert runner.cell_id(key) == runner.cell_id(dict(reversed(list(key.items()))))
+    assert derive_seed(key, 1, 0) != seeds[0]
+    assert derive_seed({**key, "seq_len": 9}, 0, 0) != seeds[0]
+    assert cell_id(key) == cell_id(dict(reversed(list(key.items()))))
 
 
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
@@ -187,7 +191,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         'names = ["posrf-iid", "hyprf-orf", "darkis-iid", "poisrf-orf"]',
     )
     text = text.replace("causal = [false, true]", "causal = [false]")
-    real = runner.run_estimator_cell
+    real = cells.run_estimator_cell
 
     def flaky(cell, ctx, suite):
         if cell.name == "hyprf-orf" and cell.num_features == 4:
@@ -198,9 +202,9 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
             raise ValueError("boom in the cell")
         return real(cell, ctx, suite)
 
-    monkeypatch.setattr(runner, "run_estimator_cell", flaky)
+    monkeypatch.setattr(cells, "run_estimator_cell", flaky)
     out = runner.run_suite(_suite(text), tmp_path / "out", progress=False)
-    df = rb.load_results(out)
+    df = R.load_results(out)
     by = df.groupby("estimator")
     hyp = df[df["estimator"] == "hyprf-orf"]
     assert set(hyp.loc[hyp["num_features"] == 4, "status"]) == {"oom"}
@@ -220,7 +224,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert set(summary.loc[summary["estimator"] == "poisrf-orf", "status"]) == {"skipped"}
     counts = summary["status"].value_counts()
     assert (counts["oom"], counts["error"], counts["skipped"]) == (6, 4, 8)  # cells, from the rules above
-    text = runner.format_summary(summary)
+    text = terminal.format_summary(summary)
     assert "8 skipped, 6 oom, 4 error" in text and "see the message column" in text
 
 
@@ -232,7 +236,7 @@ def test_cli_exit_code_and_summary(tmp_path, monkeypatch, capsys):
     assert cli.main_entry(["run", str(path), "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "ranked by kernel_rel_mse" in out and "posrf-iid" in out and "baselines: exact" in out
-    monkeypatch.setattr(runner, "run_estimator_cell", lambda *a: 1 / 0)
+    monkeypatch.setattr(cells, "run_estimator_cell", lambda *a: 1 / 0)
     assert cli.main_entry(["run", str(path), "--out", str(tmp_path / "b"), "--quiet"]) == 1
     assert "ended in error" in capsys.readouterr().err
 
@@ -255,50 +259,50 @@ def test_never_overwrites(tmp_path):
 
 def test_resume_reruns_only_failed_cells(tmp_path, monkeypatch):
     text = SUITE.replace("seq_len = [24, 40]", "seq_len = [24]").replace("causal = [false, true]", "")
-    real = runner.run_estimator_cell
+    real = cells.run_estimator_cell
     monkeypatch.setattr(
-        runner,
+        cells,
         "run_estimator_cell",
         lambda cell, ctx, suite: (
             (_ for _ in ()).throw(ValueError("x")) if cell.name == "hyprf-orf" else real(cell, ctx, suite)
         ),
     )
     out = runner.run_suite(_suite(text), tmp_path / "o", progress=False)
-    first = rb.load_results(out)
+    first = R.load_results(out)
     assert set(first.loc[first["estimator"] == "hyprf-orf", "status"]) == {"error"}
     calls = []
     monkeypatch.setattr(
-        runner,
+        cells,
         "run_estimator_cell",
         lambda cell, ctx, suite: calls.append(cell.name) or real(cell, ctx, suite),
     )
     runner.run_suite(_suite(text), out, resume=True, progress=False)
     assert set(calls) == {"hyprf-orf"}  # the ok cells were not run again
-    again = rb.load_results(out)
+    again = R.load_results(out)
     assert set(again["status"]) == {"ok"} and len(again) == len(first)
     kept = first[first["status"] == "ok"]
     pd.testing.assert_frame_equal(
         again[again["cell"].isin(kept["cell"])].reset_index(drop=True), kept.reset_index(drop=True)
     )
-    meta = store.load_meta(out)
-    assert [r["resume"] for r in meta["runs"]] == [False, True]
+    meta = R.load_meta(out)
+    assert [r["resume"] for r in meta.runs] == [False, True]
 
 
 def test_load_results_round_trip(full_run, tmp_path):
     out, df = full_run
-    assert rb.load_results(out / "results.parquet").equals(df)
+    assert R.load_results(out / "results.parquet").equals(df)
     copy = tmp_path / "copy"
     (copy / "cells").mkdir(parents=True)
     for path in store.cell_files(out).values():
         (copy / "cells" / path.name).write_bytes(path.read_bytes())
     # A killed run has cells but no consolidated tables yet: rows come from cells/.
-    pd.testing.assert_frame_equal(_stable(rb.load_results(copy)), _stable(df))
+    pd.testing.assert_frame_equal(_stable(R.load_results(copy)), _stable(df))
     summary = store.load_summary(copy)
     assert len(summary) == df["cell"].nunique()
     (copy / "cells" / ".x.parquet.123.tmp").write_bytes(b"half a file")
     assert store.remove_stale_temporaries(copy) == 1
     with pytest.raises(rb.DataError):
-        rb.load_results(tmp_path / "nothing-here")
+        R.load_results(tmp_path / "nothing-here")
 
 
 def test_capture_source_per_layer_and_too_long(tmp_path):
@@ -324,7 +328,7 @@ def test_capture_source_per_layer_and_too_long(tmp_path):
     import textwrap
 
     out = runner.run_suite(parse_suite(textwrap.dedent(text)), tmp_path / "cap", progress=False)
-    df = rb.load_results(out)
+    df = R.load_results(out)
     assert set(df["data"]) == {"bundled:L1:H0,2", "bundled:L4:H0,2"}
     assert (df["batch"] == 1).all() and (df["heads"] == 2).all() and (df["dim"] == 32).all()
     assert set(df.loc[df["seq_len"] == 16, "status"]) == {"ok"}
@@ -340,7 +344,7 @@ def test_timing_and_memory_columns(tmp_path):
     assert text != SUITE
     text = text.replace("seq_len = [24, 40]", "seq_len = [24]").replace("causal = [false, true]", "")
     text = text.replace('names = ["posrf-iid", "hyprf-orf", "darkis-iid"]', 'names = ["posrf-iid"]')
-    df = rb.load_results(runner.run_suite(_suite(text), tmp_path / "t", progress=False))
+    df = R.load_results(runner.run_suite(_suite(text), tmp_path / "t", progress=False))
     est = df[df["kind"] == "estimator"]
     first = est[est["seed_index"] == 0]
     assert (first["n_rep"] == 3).all() and (first["time_ms_p20"] <= first["time_ms"]).all()
@@ -357,3 +361,17 @@ def test_timing_and_memory_columns(tmp_path):
     assert (
         json.loads((tmp_path / "t" / "meta.json").read_text())["timing"]["timed_seeds"] == "seed_index 0 only"
     )
+
+
+def test_baselines_say_why_they_cannot_run():
+    from rfbench.suite import baselines
+
+    assert baselines.get("exact").supports("float32", "cpu") == []
+    reasons = baselines.get("flash").supports("float32", "cpu")
+    assert reasons == [
+        "FlashAttention runs on CUDA only",
+        "FlashAttention needs float16 or bfloat16, not float32",
+    ]
+    assert baselines.get("flash").supports("bfloat16", "cuda") == []
+    with pytest.raises(SpecError, match="known: exact, sdpa, flash, uniform"):
+        baselines.get("nope")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -167,3 +169,21 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys):
 def test_ready_suites_validate(name):
     suite = load_suite(SUITES_DIR / f"{name}.toml")
     assert suite.name == name and suite.estimators and suite.data
+
+
+@pytest.mark.parametrize("suite", ["quick", "learning"])
+def test_reading_a_suite_imports_neither_the_trainer_nor_the_report(suite):
+    """Parsing is cheap: no report layer, no plotting, no trainer (a [fit] section needs only the
+    learning configuration), no results store."""
+    code = (
+        "import sys; from rfbench.suite.spec import load_suite; "
+        f"load_suite({suite!r}); "
+        "heavy = ('rfbench.report', 'rfbench.learning.training', 'rfbench.results.store', 'matplotlib'); "
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    if suite == "quick":  # no [fit] section: nothing of the learning package at all
+        code = code.replace("'rfbench.learning.training'", "'rfbench.learning'")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]"

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pickle  # only for its error type: nothing here unpickles
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from rfbench.errors import DataError
+from rfbench.results.atomic import atomic_write
 
 FORMAT = "rfbench-capture/1"
 TENSOR_KEYS = ("q", "k", "v")
@@ -195,11 +195,8 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
     if clash:
         raise DataError(f"meta keys {clash} are reserved ({', '.join(RESERVED_META)}); rename them")
     tensors = {name: getattr(capture, name).detach().cpu().contiguous() for name in TENSOR_KEYS}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a killed save never leaves a half-written capture.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if suffix == ".safetensors":
             header = {
                 "format": FORMAT,
@@ -226,13 +223,9 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
                  "scale": float(capture.scale), "meta": dict(capture.meta)},
                 tmp,
             )
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    # Written beside the target, then renamed: a killed save never leaves a half-written capture.
+    atomic_write(path, write)
     return path
 
 

@@ -36,13 +36,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
 from rfbench.errors import DataError, SpecError
-from rfbench.report import METRICS, SLICE_KEYS, load_run
+from rfbench.report import METRICS, SLICE_KEYS
+from rfbench.results import load_meta, load_results
+from rfbench.results.meta import META_FILE
 
 DEFAULT_METRICS = ("time_ms", "peak_mem_bytes", "kernel_rel_mse", "out_rel_err")
 ABS_FLOOR = {"time_ms": 0.03, "draw_ms": 0.03, "fit_ms": 0.03, "peak_mem_bytes": float(2**20),
@@ -118,13 +121,10 @@ def compare_runs(
     paired, verdict, regression, note. Raises IncompatibleRuns (exit 2) when the runs cannot be
     joined.
     """
-    base, new = load_run(base_dir, with_summary=False), load_run(new_dir, with_summary=False)
-    rb, rn = base.results, new.results
-    suites_b = set(rb["suite"]) if "suite" in rb else set()
-    suites_n = set(rn["suite"]) if "suite" in rn else set()
+    (rb, suites_b), (rn, suites_n) = _load(base_dir), _load(new_dir)
     if suites_b and suites_n and suites_b != suites_n:
-        raise IncompatibleRuns(f"the runs come from different suites ({_few(rb['suite'])} vs "
-                               f"{_few(rn['suite'])}); compare two runs of the same suite")
+        raise IncompatibleRuns(f"the runs come from different suites ({_few(suites_b)} vs "
+                               f"{_few(suites_n)}); compare two runs of the same suite")
     common = sorted(set(rb["cell"]) & set(rn["cell"]))
     if not common:
         raise IncompatibleRuns(f"the runs share no cell ({rb['cell'].nunique()} vs "
@@ -152,6 +152,21 @@ def compare_runs(
     table["_order"] = table["verdict"].map(VERDICT_ORDER)
     table = table.sort_values(["_order", "ratio"], ascending=[True, False])
     return table.drop(columns="_order").reset_index(drop=True), z_crit
+
+
+def _load(folder) -> tuple[pd.DataFrame, set[str]]:
+    """The per-seed rows of a results folder (through ``rfbench.results``: cells finished after
+    results.parquet are included) and its suite name(s): the rows' ``suite`` column, else the
+    name in meta.json. DataError (one line) when the folder is missing or broken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"results folder {str(folder)!r} does not exist; give the --out folder of "
+                        "`rfbench run`")
+    rows = load_results(folder)
+    suites = set(map(str, rows["suite"])) - {""} if "suite" in rows else set()
+    if not suites and (folder / META_FILE).is_file():
+        suites = {load_meta(folder).suite.name} - {""}
+    return rows, suites
 
 
 def _choose_metrics(rb: pd.DataFrame, rn: pd.DataFrame, asked) -> list[str]:

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from rfbench.errors import SpecError
-from rfbench.report import METRICS, Run, load_run, meta_lookup, peak_memory_note
+from rfbench.report import METRICS, Run, load_run, peak_memory_note
 from rfbench.report.plots import Skip  # the module imports matplotlib only when drawing
+from rfbench.results import Meta
 
 CSS = """
 :root { --fg:#1d1f23; --muted:#5b6270; --line:#d9dde3; --band:#f5f7fa; --accent:#1f77b4; }
@@ -67,8 +68,6 @@ tr.status-skipped td { background: #f3f3f3; color: var(--muted); }
 footer { color: var(--muted); font-size: 12.5px; margin-top: 40px; border-top: 1px solid var(--line);
          padding-top: 8px; }
 """
-
-DEVICE_KEYS = ("devices", "device_names", "device_name", "gpu_name", "device")  # meta.json names, in order
 
 GUIDE = [
     "Each <em>cell</em> is one estimator (feature map × weight matrix, e.g. <code>posrf-orf</code>) at one "
@@ -146,9 +145,9 @@ def render_report(
     body = _page(run, out_dir, figures, [to_html(t) for t in tables], table_files, embed,
                  time.perf_counter() - started)
     page = out_dir / "report.html"
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(page)  # atomic: a reader never sees half a page
+    from rfbench.results.atomic import write_text
+
+    write_text(page, body)  # atomic: a reader never sees half a page
     return page, figures
 
 
@@ -181,44 +180,25 @@ def _duration(start, end) -> str:
 def _meta_rows(run: Run) -> list[tuple[str, str]]:
     m = run.meta
     rows = [("suite", run.suite), ("results", str(run.path))]
-    version = meta_lookup(m, "rfbench_version", "rfbench")
-    git = meta_lookup(m, "git", "git_revision", "git_rev", "revision", "commit")
-    if isinstance(git, dict):
-        rev = git.get("revision") or git.get("commit") or git.get("sha") or ""
-        git = f"{rev}{' (dirty)' if git.get('dirty') else ''}"
-    elif git is not None and meta_lookup(m, "dirty", "git_dirty"):
-        git = f"{git} (dirty)"
-    label = " · ".join(x for x in (_text(version) if version else "", f"git {git}" if git else "") if x)
+    git = m.git.describe()
+    label = " · ".join(x for x in (m.rfbench_version, f"git {git}" if git else "") if x)
     rows.append(("rfbench", label or "unknown"))
-    table = m.get("versions") if isinstance(m.get("versions"), dict) else {
-        name: meta_lookup(m, f"{name}_version", name) for name in ("python", "torch", "triton", "numpy")}
-    versions = [f"{name} {v}" for name, v in table.items()
+    versions = [f"{name} {v}" for name, v in m.versions.items()
                 if v is not None and not isinstance(v, (dict, list))]
     if versions:
         rows.append(("versions", ", ".join(versions)))
-    for label, names in (
-        ("device", DEVICE_KEYS),
-        ("CPU", ("cpu_name", "cpu")),
-        ("host", ("host", "hostname")),
-    ):
-        value = meta_lookup(m, *names)
-        if label == "CPU" and value is not None and meta_lookup(m, "cpu_count"):
-            threads = meta_lookup(m, "torch_threads")
-            value = f"{value} ({meta_lookup(m, 'cpu_count')} cores" + (
-                f", {threads} torch threads)" if threads else ")")
-        if value is not None:
-            rows.append((label, _text(value)))
-    start = meta_lookup(m, "start_time", "started", "start")
-    end = meta_lookup(m, "end_time", "finished", "end")
+    cpu = m.machine.cpu
+    if cpu and m.machine.cpu_count:
+        threads = m.machine.torch_threads
+        cpu = f"{cpu} ({m.machine.cpu_count} cores" + (f", {threads} torch threads)" if threads else ")")
+    for label, value in (("device", _devices(m)), ("CPU", cpu), ("host", m.machine.host)):
+        if value:
+            rows.append((label, value))
+    start, end = m.start_time, m.end_time
     if start or end:
         rows.append(("time", f"{start or '?'} → {end or 'unfinished'}{_duration(start, end) if end else ''}"))
-    for label, names in (
-        ("command", ("command_line", "command", "argv")),
-        ("timing", ("timing", "timing_settings")),
-        ("seeds", ("seeds",)),
-    ):
-        value = meta_lookup(m, *names)
-        if value is not None and _text(value):
+    for label, value in (("command", m.command), ("timing", m.timing), ("seeds", m.seeds)):
+        if _text(value):
             rows.append((label, _text(value)))
     note = peak_memory_note(run)
     if note:
@@ -228,6 +208,11 @@ def _meta_rows(run: Run) -> list[tuple[str, str]]:
     rows.append(("cells", f"{n_cells} ({n_ok} ok, {n_cells - n_ok} failed or skipped), "
                           f"{len(run.results)} cell × seed rows"))
     return rows
+
+
+def _devices(meta: Meta) -> str:
+    """'NVIDIA H100 80GB HBM3 (cuda)': the run's devices by name, with their kind where it differs."""
+    return ", ".join(_text(d) for d in meta.machine.devices)
 
 
 def _figure_html(fig, out_dir: Path, embed: bool) -> str:
@@ -250,7 +235,9 @@ def _page(run: Run, out_dir: Path, figures, table_html: list[str], table_files, 
     skipped = [f for f in figures if isinstance(f, Skip)]
     drawn = [f for f in figures if not isinstance(f, Skip)]
     meta_rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _meta_rows(run))
-    toml = meta_lookup(run.meta, "toml", "suite_toml", "toml_text", "text")
+    toml = run.meta.suite.toml
+    # meta.json as written (the typed Meta keeps the document it was read from)
+    document = run.meta.document if run.meta.document is not None else run.meta.to_dict()
     parts = [
         "<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -265,8 +252,8 @@ def _page(run: Run, out_dir: Path, figures, table_html: list[str], table_files, 
         parts.append('<div class="notes">' + "<br>".join(e(n) for n in run.notes) + "</div>")
     if isinstance(toml, str) and toml.strip():
         parts.append(f"<details><summary>Suite file</summary><pre>{e(toml)}</pre></details>")
-    if run.meta:
-        meta_json = json.dumps(run.meta, indent=2, default=str, ensure_ascii=False)
+    if document:
+        meta_json = json.dumps(document, indent=2, default=str, ensure_ascii=False)
         parts.append("<details><summary>All metadata (meta.json)</summary>"
                      f"<pre>{e(meta_json)}</pre></details>")
     parts += ["</section>", '<section id="guide" class="guide">', "<h2>How to read this report</h2>", "<ul>"]
@@ -292,11 +279,11 @@ def _page(run: Run, out_dir: Path, figures, table_html: list[str], table_files, 
 
 
 def _subtitle(run: Run) -> str:
-    device = meta_lookup(run.meta, *DEVICE_KEYS)
-    start = meta_lookup(run.meta, "start_time", "started", "start")
+    device = _devices(run.meta)
+    start = run.meta.start_time
     bits = []
-    if device is not None:
-        bits.append(f"on {_text(device)}")
+    if device:
+        bits.append(f"on {device}")
     if start:
         bits.append(f"started {start}")
     s = run.summary

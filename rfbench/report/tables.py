@@ -23,17 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfbench.report import (
-    METRICS,
-    STATUSES,
-    Run,
+from rfbench.report import METRICS, Run
+from rfbench.report.analysis import (
     baselines_for,
     describe_slice,
     has_metric,
     pick_slice,
+    seed_means_over_data,
     value_columns,
 )
-from rfbench.suite.store import mean_ci
+from rfbench.results import STATUSES, mean_ci
 
 #: Metrics a leaderboard shows, in order, when the run has them.
 BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
@@ -197,10 +196,7 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
         cells = []
         for m in ms:
             gm = g[g["num_features"] == m]
-            ok = gm[(gm["status"] == "ok") & gm["_v"].notna()]
-            per_seed = ok.groupby("seed_index")["_v"].agg(["mean", "count"])
-            per_seed = per_seed[per_seed["count"] == gm["data"].nunique()]["mean"].to_numpy(float)
-            # (one row per data source and seed index: the slice fixes every other axis)
+            per_seed = seed_means_over_data(gm, "_v")
             if gm.empty:
                 cells.append("–")
             elif per_seed.size == 0:

@@ -1,0 +1,297 @@
+"""The numbers behind the report: slices, the C/m law, the Pareto front, overlays and floors.
+
+Pure pandas and numpy, no plotting library: the figure modules (``rfbench.report.plots``) and
+the tables call these functions and only draw or format what they return, and the tests check
+each of them directly on hand-made rows.
+
+Every function reads a per-cell summary frame (one row per cell: ``<metric>_mean``,
+``<metric>_ci_low``, ``<metric>_ci_high``, or a bare ``<metric>`` column), as ``load_run`` gives.
+
+    rows, fixed = pick_slice(summary, ("num_features", "feature_map", "weight_matrix"))
+    describe_slice(fixed)                     # 'L=1024, data=isotropic', for the caption
+    fit_inverse_m(m, mse)                     # C of mse ~ C / m
+    pareto_front(rows, "time_ms_mean", "out_rel_err_mean")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rfbench.report import METRICS, SLICE_KEYS
+
+
+# ------------------------------------------------------------------------------ columns
+def value_columns(frame: pd.DataFrame, metric: str) -> tuple[str, str | None, str | None]:
+    """(mean, ci_low, ci_high) column names of ``metric`` in a summary (CI None if absent)."""
+    mean = f"{metric}_mean" if f"{metric}_mean" in frame else metric
+    lo, hi = f"{metric}_ci_low", f"{metric}_ci_high"
+    return mean, (lo if lo in frame else None), (hi if hi in frame else None)
+
+
+def has_metric(frame: pd.DataFrame, metric: str) -> bool:
+    """Whether any row of ``frame`` has a finite value of ``metric``."""
+    col = value_columns(frame, metric)[0]
+    return col in frame and bool(np.isfinite(pd.to_numeric(frame[col], errors="coerce")).any())
+
+
+def estimators(summary: pd.DataFrame) -> pd.DataFrame:
+    """The estimator rows of a summary (not the baselines)."""
+    return summary[summary["kind"] == "estimator"]
+
+
+def ok_rows(frame: pd.DataFrame, *metrics: str) -> pd.DataFrame:
+    """Rows with status ok and a finite value of every one of ``metrics``."""
+    mask = frame["status"] == "ok"
+    for metric in metrics:
+        col = value_columns(frame, metric)[0]
+        mask &= np.isfinite(pd.to_numeric(frame[col], errors="coerce")) if col in frame else False
+    return frame[mask]
+
+
+# ------------------------------------------------------------------------------ slices
+def pick_slice(
+    frame: pd.DataFrame, vary: tuple[str, ...], prefer: dict | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """The rows of the most complete slice in which every key but ``vary`` is fixed.
+
+    A run may sweep more axes than a figure shows. Among the combinations of the other keys,
+    pick the one that covers the most distinct values of ``vary`` (ties: the most rows, then
+    the values most frequent in the run, then the largest values), after keeping only the
+    ``prefer`` values (e.g. ``{"num_features": 128}``) where they occur. Returns the rows and the
+    fixed values that the run varies or that were preferred (for captions).
+    """
+    preferred = {}
+    for key, value in (prefer or {}).items():
+        if key in frame and key not in vary and (frame[key] == value).any():
+            varied = frame[key].nunique() > 1
+            frame = frame[frame[key] == value]
+            if varied:
+                preferred[key] = value
+    fixed = [c for c in SLICE_KEYS if c in frame and c not in vary and frame[c].nunique(dropna=False) > 1]
+    if not fixed or frame.empty:
+        return frame, preferred
+    vary_cols = [c for c in vary if c in frame] or ["estimator"]
+    freq = {c: frame[c].value_counts(dropna=False) for c in fixed}
+    best, best_score = None, None
+    for values, grp in frame.groupby(fixed, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        cover = len(grp[vary_cols].drop_duplicates())
+        common = sum(int(freq[c].get(v, 0)) for c, v in zip(fixed, values))
+        score = (cover, len(grp), common, tuple(_sortable(v) for v in values))
+        if best_score is None or score > best_score:
+            best, best_score = values, score
+    chosen = {**preferred, **dict(zip(fixed, best))}
+    mask = np.ones(len(frame), bool)
+    for key, value in chosen.items():
+        mask &= (frame[key] == value).to_numpy()
+    return frame[mask], chosen
+
+
+def _sortable(v):
+    return (0, float(v), "") if isinstance(v, (int, float, np.number)) else (1, 0.0, str(v))
+
+
+def describe_slice(fixed: dict) -> str:
+    """'L=512, m=64, data=isotropic' from a pick_slice result."""
+    names = {"seq_len": "L", "num_features": "m", "dim": "d", "batch": "B", "heads": "H"}
+    return ", ".join(f"{names.get(k, k)}={_plain(v)}" for k, v in fixed.items())
+
+
+def _plain(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
+
+
+def in_slice(frame: pd.DataFrame, fixed: dict, ignore=()) -> pd.DataFrame:
+    """Rows of ``frame`` matching the fixed values of a slice, except the keys in ``ignore``."""
+    for key, value in fixed.items():
+        if key not in ignore and key in frame:
+            frame = frame[frame[key] == value]
+    return frame
+
+
+def baselines_for(frame: pd.DataFrame, fixed: dict) -> pd.DataFrame:
+    """Baseline rows matching a slice of estimator rows (baselines have no m)."""
+    rows = frame[frame["kind"] == "baseline"]
+    for key, value in fixed.items():
+        if key in ("num_features", "feature_dim") or key not in rows:
+            continue
+        rows = rows[rows[key] == value]
+    return rows
+
+
+# ------------------------------------------------------------------------------ series
+def series(frame: pd.DataFrame, metric: str, x: str):
+    """x, mean, ci_low, ci_high of one line in display units (``METRICS[metric].scale``), sorted
+    by x; points without a finite mean are left out (the CI arrays are None without CI columns)."""
+    mean_col, lo_col, hi_col = value_columns(frame, metric)
+    scale = METRICS[metric].scale if metric in METRICS else 1.0
+    frame = frame.sort_values(x)
+    xs = frame[x].to_numpy(float)
+    mean = pd.to_numeric(frame[mean_col], errors="coerce").to_numpy(float) * scale
+    lo = pd.to_numeric(frame[lo_col], errors="coerce").to_numpy(float) * scale if lo_col else None
+    hi = pd.to_numeric(frame[hi_col], errors="coerce").to_numpy(float) * scale if hi_col else None
+    keep = np.isfinite(mean)
+    lo, hi = (lo[keep] if lo is not None else None), (hi[keep] if hi is not None else None)
+    return xs[keep], mean[keep], lo, hi
+
+
+def spans_decades(values) -> bool:
+    """Whether the finite positive ``values`` span a factor of ten or more (a log axis then)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return len(v) > 1 and v.max() / v.min() >= 10
+
+
+# ------------------------------------------------------------------------------ the 1/m law
+@dataclass(frozen=True)
+class Overlay:
+    """A reference curve over m for an error-vs-m panel, with its legend label."""
+
+    x: np.ndarray
+    y: np.ndarray
+    label: str
+
+
+def fit_inverse_m(m, values) -> float | None:
+    """C of ``values ~ C / m``: least squares in log space with the slope fixed at -1.
+
+    log v_i = log C - log m_i, so log C is the mean of log(v_i m_i) over the points with v, m > 0.
+    Monte Carlo averages of m i.i.d. terms have MSE exactly Var_1 / m, so on i.i.d. weights C
+    estimates the one-feature variance Var_1. None with fewer than two usable points.
+    """
+    m, values = np.asarray(m, float), np.asarray(values, float)
+    keep = (values > 0) & (m > 0)
+    if keep.sum() < 2:
+        return None
+    return math.exp(float(np.mean(np.log(values[keep] * m[keep]))))
+
+
+def iid_overlay(panel: pd.DataFrame, metric: str) -> Overlay | None:
+    """The i.i.d. reference of one panel (one feature map, one data source) over its m grid.
+
+    If the summary stores ``<metric>_theory`` (rfbench.theory's closed-form expectation on the
+    cell's data, i.i.d. weights), that curve, averaged per m. Otherwise C/m with C fitted to the
+    panel's i.i.d. points (``fit_inverse_m``): the closed form's shape, its level from the run.
+    None when neither is available.
+    """
+    theory_col = next((c for c in (f"{metric}_theory_mean", f"{metric}_theory") if c in panel), None)
+    if theory_col is not None:
+        th = panel.groupby("num_features")[theory_col].mean().dropna()
+        if len(th) > 1:
+            label = "closed form, i.i.d. (rfbench.theory)"
+            return Overlay(th.index.to_numpy(float), th.to_numpy(float), label)
+    xs, mean, _, _ = series(panel[panel["weight_matrix"] == "iid"], metric, "num_features")
+    c = fit_inverse_m(xs, mean)
+    if c is None:
+        return None
+    grid = np.array(sorted(set(panel["num_features"].astype(float))))
+    return Overlay(grid, c / grid, "i.i.d. law C/m (C fitted to iid)")
+
+
+def uniform_floor(summary: pd.DataFrame, metric: str, fixed: dict) -> float | None:
+    """The uniform baseline's output error in a slice (None: not run, failed, or another metric).
+
+    The uniform baseline gives every query the mean of the values it attends to: the error of an
+    estimator that knows nothing of q and k, a floor every useful estimator should beat.
+    """
+    if metric != "out_rel_err":
+        return None
+    base = baselines_for(summary, fixed)
+    base = base[(base["estimator"] == "uniform") & (base["status"] == "ok")]
+    col = value_columns(base, metric)[0]
+    if len(base) != 1 or col not in base or not np.isfinite(float(base[col].iloc[0])):
+        return None
+    return float(base[col].iloc[0])
+
+
+# ------------------------------------------------------------------------------ fronts and grids
+def pareto_front(rows: pd.DataFrame, xcol: str, ycol: str) -> pd.DataFrame:
+    """Rows not dominated in (x, y), both lower-is-better, sorted by x (ties: by y).
+
+    A row is on the front when no other row has x <= its x and y < its y; of rows with equal
+    (x, y) the first in x-then-y order is kept.
+    """
+    ordered = rows.sort_values([xcol, ycol])
+    best, keep = math.inf, []
+    for idx, y in zip(ordered.index, ordered[ycol]):
+        if y < best:
+            best = y
+            keep.append(idx)
+    return ordered.loc[keep]
+
+
+def error_grid(rows: pd.DataFrame, metric: str, fms: list[str], wms: list[str]):
+    """(values, notes) of a feature map x weight matrix grid, each of shape [len(fms), len(wms)].
+
+    values: the mean ``metric`` of ok cells (NaN elsewhere); notes: the value to 2 significant
+    figures, the status of a failed cell, or '—' for a pair the run did not measure.
+    """
+    mean_col = value_columns(rows, metric)[0]
+    values = np.full((len(fms), len(wms)), np.nan)
+    notes = np.full((len(fms), len(wms)), "", dtype=object)
+    for _, r in rows.iterrows():
+        i, j = fms.index(r["feature_map"]), wms.index(r["weight_matrix"])
+        v = float(r[mean_col]) if pd.notna(r[mean_col]) else math.nan
+        if r["status"] == "ok" and np.isfinite(v):
+            values[i, j] = v
+            notes[i, j] = f"{v:.2g}"
+        else:
+            notes[i, j] = str(r["status"])
+    notes[notes == ""] = "—"
+    return values, notes
+
+
+def bias2_noise_floor(variance, n_seeds) -> np.ndarray:
+    """The bias² an unbiased estimator still shows when its mean is taken over n seeds.
+
+    The squared bias is measured from the mean of n independent estimates, whose own variance is
+    Var / n: that is its expected value with no bias at all. [rows] -> [rows]
+    """
+    return np.asarray(variance, float) / np.maximum(np.asarray(n_seeds, float), 1)
+
+
+def seed_means_over_data(rows: pd.DataFrame, col: str) -> np.ndarray:
+    """Per seed index, the mean of ``col`` over the data sources of ``rows``. [n_seeds]
+
+    ``rows``: one cell per data source (every other key fixed), one row per seed index. A seed
+    counts only where every data source of ``rows`` is ok with a finite value, so each mean is
+    over the same sources; seeds that failed somewhere are left out (the caller says how many).
+    """
+    ok = rows[(rows["status"] == "ok") & rows[col].notna()]
+    per_seed = ok.groupby("seed_index")[col].agg(["mean", "count"])
+    return per_seed[per_seed["count"] == rows["data"].nunique()]["mean"].to_numpy(float)
+
+
+# ------------------------------------------------------------------------------ caption counts
+def seeds_text(frame: pd.DataFrame) -> str:
+    """'4 seeds' or '3–4 seeds': the ok seeds behind the rows' means."""
+    col = "n_ok" if "n_ok" in frame else ("n_seeds" if "n_seeds" in frame else None)
+    if col is None or frame.empty:
+        return "seeds"
+    lo, hi = int(frame[col].min()), int(frame[col].max())
+    return f"{lo} seeds" if lo == hi else f"{lo}–{hi} seeds"
+
+
+def failed_note(frame: pd.DataFrame) -> str:
+    """' Not shown: posrf-sorf m=16 (error), exact L=4096 (oom).' for a figure's caption."""
+    bad = frame[frame["status"] != "ok"]
+    items = []
+    for (est, status), grp in bad.groupby(["estimator", "status"], sort=True):
+        where = ""
+        for col, sym in (("num_features", "m"), ("seq_len", "L")):
+            vals = sorted({int(v) for v in grp[col]}) if col in grp else []
+            if vals and vals != [0] and len(vals) <= 3:
+                where += f" {sym}={'/'.join(map(str, vals))}"
+        items.append(f"{est}{where} ({status})")
+    if not items:
+        return ""
+    more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+    return " Not shown: " + ", ".join(items[:6]) + more + " (see the failures table)."
