@@ -46,6 +46,7 @@ WEIGHT_MATRICES: dict[str, str] = {
     "simrf": "rfbench.weights.simplex:SimRF",
     "simrfplus": "rfbench.weights.simplex:SimRFPlus",
     "fastfoodl": "rfbench.weights.learned:FastFoodL",
+    "antithetic": "rfbench.weights.antithetic:Antithetic",
 }
 
 
