@@ -115,6 +115,20 @@ class FastFoodL(FastFood):
             m, d, learn=self.params["learn"],
         )
 
+    # The learnable protocol of rfbench.learning (the instance itself never changes).
+    def learnable_draw(self, m: int, d: int, *, generator: torch.Generator, device=None, dtype=torch.float32):
+        """``(tensors, build)``: the factors named in ``learn`` of the draw ``sample(m, d,
+        generator=...)`` gives, and ``build(tensors) -> W [m, d]`` (differentiable in them)."""
+        module = self.module(m, d, generator=generator, device=device, dtype=dtype)
+        start = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        return start, lambda tensors: torch.func.functional_call(module, tensors, ())
+
+    def trained_target(self, params=None):
+        """A trained W estimates a learned spectral kernel: no closed form (TargetKernel without log_kernel)."""
+        from rfbench.features.target import TargetKernel
+
+        return TargetKernel(LEARNED_TARGET, None)
+
     def _sample(self, m: int, d: int, generator: torch.Generator) -> WeightDraw:
         with torch.no_grad():
             W = self.module(m, d, generator=generator, dtype=torch.float64)()
