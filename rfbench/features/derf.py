@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from rfbench.errors import EstimatorError
-from rfbench.features.base import FeatureMap, Params, sq_norm
-from rfbench.features.gerf import gerf_log_features, mean_pair_sq_norm, oprf_a_star
+from rfbench.features.base import FeatureMap, Params
+from rfbench.features.gerf import gerf_form, mean_pair_sq_norm, oprf_a_star
+from rfbench.ops.features.naive import log_features as form_log_features
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 #: Psi^4 is clipped to [1e-12, 1e12] (Psi in [1e-3, 1e3]): a coordinate that is zero on one side
@@ -57,11 +59,13 @@ class SADERF(FeatureMap):
         A = oprf_a_star(mean_pair_sq_norm(q * psi, k / psi) / q.shape[-1])
         return {"psi": psi, "A": A}
 
+    # No ``exp_form``: queries see Psi x and keys Psi^-1 x, two different affine forms, and an
+    # ExpForm is one form for both sides. The GERF form is applied to each side's rescaled input.
     def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
         if "psi" not in params or "A" not in params:
             raise EstimatorError("saderf needs its fitted Psi and A: call est.fit(q, k) first")
         xs = x * params["psi"] if is_query else x / params["psi"]
-        return gerf_log_features(xs, draw.W, params["A"]), None
+        return form_log_features(xs, gerf_form(draw.W, params["A"], x.shape[-1])), None
 
 
 def sderf_fit(q: torch.Tensor, k: torch.Tensor) -> Params:
@@ -108,14 +112,12 @@ class SDERF(FeatureMap):
         """``{"Q": [..., d, d], "a": [..., 1, d]}`` (``sderf_fit``)."""
         return sderf_fit(q, k)
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """W_eff = omega diag(sqrt(1 - 4a)) Q^T (so W_eff x = sqrt(1 - 4a) . (omega o Q^T x)),
+        bias = sum_l a_l omega_l^2 + (1/4) sum_l log(1 - 4 a_l), coef = -1/2."""
         if "Q" not in params or "a" not in params:
             raise EstimatorError("sderf needs its fitted Q and a: call est.fit(q, k) first")
-        W, a = draw.W, params["a"]
-        xr = x @ params["Q"]  # (Q^T x) as rows, [..., L, d]
-        return (
-            a @ (W * W).T  # sum_l a_l omega_l^2, [..., 1, m]
-            + (xr * torch.sqrt(1 - 4 * a)) @ W.T
-            - 0.5 * sq_norm(x)
-            + 0.25 * torch.log1p(-4 * a).sum(dim=-1, keepdim=True)
-        ), None
+        W, a = draw.W, params["a"]  # a: [..., 1, d]
+        W_eff = (W * torch.sqrt(1 - 4 * a)) @ params["Q"].transpose(-1, -2)  # [..., m, d]
+        bias = (a @ (W * W).T).squeeze(-2) + 0.25 * torch.log1p(-4 * a).sum(dim=-1)  # [..., m]
+        return ExpForm(W_eff, bias)

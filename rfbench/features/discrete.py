@@ -72,6 +72,7 @@ class _DIRF(FeatureMap):
 
     positive = False
     needs_gaussian_rows = False
+    weights = ("iid",)  # the omegas are this map's own draw: no coupling of Gaussian rows applies
     _law = ""
     _param = ""
 
@@ -80,13 +81,11 @@ class _DIRF(FeatureMap):
         # Only a fitted parameter depends on the data; an instance attribute shadows the class one.
         self.data_dependent = self.params[self._param] is None
 
-    def supports(self, weights: WeightMatrix) -> list[str]:
-        if weights.name == "iid":
-            return []
-        return [
+    def _weights_reason(self, weights: WeightMatrix) -> str:
+        return (
             f"{type(self).__name__} draws discrete omegas from {self._law}; a Gaussian weight matrix "
             f"({weights.name!r}) does not apply; use {self.name}-iid"
-        ]
+        )
 
     def draw(self, weights: WeightMatrix, m: int, d: int, *, generator, device, dtype) -> WeightDraw:
         """i.i.d. U(0, 1) ``[m, d]`` (float64); omegas are made from them in ``log_features``."""

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.features.base import FeatureMap, Params
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 
@@ -21,8 +22,10 @@ class PosRF(FeatureMap):
     description = "positive random features (FAVOR+)"
     reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        return x @ draw.W.T - 0.5 * sq_norm(x), None
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """log f = omega . x - |x|^2 / 2: W = omega, bias = 0."""
+        W = draw.W
+        return ExpForm(W, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
 
 
 class HypRF(FeatureMap):
@@ -37,7 +40,8 @@ class HypRF(FeatureMap):
     description = "hyperbolic positive random features (antithetic PosRF)"
     reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        wx = x @ draw.W.T
-        base = -0.5 * sq_norm(x) - 0.5 * math.log(2.0)  # 1/2 averages the antithetic pair
-        return torch.cat([wx, -wx], dim=-1) + base, None
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """W = [omega; -omega] (omega-major blocks), bias = log(2^-1/2): the 1/2 averages the pair."""
+        W = draw.W
+        bias = torch.full((2 * W.shape[0],), -0.5 * math.log(2.0), dtype=W.dtype, device=W.device)
+        return ExpForm(torch.cat([W, -W], dim=0), bias)
