@@ -428,7 +428,7 @@ def test_estimator_fit_trains_when_asked():
     assert all(torch.equal(est.params_[key], direct.params_[key]) for key in direct.params_)
     assert est.target == direct.target != "softmax"
     plain = rb.make_estimator("darkl-iid", dim=8, num_features=8, seed=1).fit(q, k, scale=0.5)
-    assert not hasattr(plain, "fit_result_")
+    assert plain.fit_result_ is None and plain.trained_ is None
     assert not all(torch.equal(plain.params_[key], direct.params_[key]) for key in direct.params_)
     assert rb.fit_estimator is fit_estimator and rb.FitConfig is FitConfig
 

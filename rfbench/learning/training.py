@@ -232,7 +232,7 @@ def _plan(est: "Estimator", cfg: FitConfig, v) -> _Plan:
         fixed = (
             fm_learns
             and not wm_learns
-            and est.target_kernel.is_softmax
+            and est.target == "softmax"  # the declared name: known before anything is fitted
             and callable(getattr(est.feature_map, "log_second_moment", None))
         )
         if not fixed:
