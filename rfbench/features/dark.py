@@ -288,3 +288,26 @@ class DARKIS(FeatureMap):
         _check_dim(self._M, d)
         M = self._M.to(device=W.device, dtype=W.dtype)
         return ExpForm(omega @ M, bias, -0.5, M)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def dark_variance(fm, x, y, fit) -> torch.Tensor:
+    """PosRF's variance on (Mx, My): e^(2 x^T Sigma y) expm1((x+y)^T Sigma (x+y)), Sigma = M^T M.
+    Needs a fixed M (sigma= or M=); the whitening fit is a property of a data set, not of a pair."""
+    from rfbench.errors import DataError
+    from rfbench.features.positive import posrf_variance  # one formula: DARK is PosRF on M x
+
+    if fm.data_dependent:
+        raise EstimatorError(
+            "dark's closed form needs a fixed Sigma: pass sigma= (a covariance) or M= (its factor)"
+        )
+    M = fm.transform({}).to(device=x.device, dtype=torch.float64)
+    if M.shape[-1] != x.shape[-1]:
+        raise DataError(f"dark's M is {M.shape[-1]}x{M.shape[-1]} but x and y have d={x.shape[-1]}")
+    xt = (x.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
+    yt = (y.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
+    return posrf_variance(fm, xt, yt, fit)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"dark": dark_variance}

@@ -121,3 +121,42 @@ class SDERF(FeatureMap):
         W_eff = (W * torch.sqrt(1 - 4 * a)) @ params["Q"].transpose(-1, -2)  # [..., m, d]
         bias = (a @ (W * W).T).squeeze(-2) + 0.25 * torch.log1p(-4 * a).sum(dim=-1)  # [..., m]
         return ExpForm(W_eff, bias)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def saderf_variance(fm, x, y, fit, *, psi=None, A=None) -> torch.Tensor:
+    """The GERF variance at (Psi x, Psi^-1 y) (FAVOR#, SADERF): the given psi and A, else the pair's
+    fit; a given psi without A takes the A* of the rescaled pair, as the fit would."""
+    from rfbench.features.gerf import check_A_tensor, gerf_variance_at  # kept beside its use
+
+    psi_given = psi is not None
+    fitted = fit() if psi is None or A is None else {}
+    psi = psi if psi_given else fitted["psi"]
+    if bool((psi <= 0).any()):
+        raise EstimatorError("saderf: psi must be positive")
+    xs, ys = x * psi, y / psi
+    if A is not None:
+        A = check_A_tensor(A, "saderf")
+    elif psi_given:  # A* of the rescaled pair, as the fit would give for this psi
+        A = oprf_a_star(((xs + ys) * (xs + ys)).sum(dim=-1) / x.shape[-1])
+    else:
+        A = fitted["A"].squeeze(-1)
+    return gerf_variance_at(A, xs, ys)
+
+
+def sderf_variance(fm, x, y, fit, *, Q=None, a=None) -> torch.Tensor:
+    """Symmetric DERF (derived, see ``SDERF``), t = Q^T (x + y):
+    e^(2x.y) expm1(sum_l [log(1-4a_l) - 1/2 log(1-8a_l) + t_l^2 / (1-8a_l)])."""
+    from rfbench.features.gerf import check_A_tensor  # kept beside its use
+
+    fitted = fit() if Q is None or a is None else {}
+    Q = Q if Q is not None else fitted["Q"]
+    a = a if a is not None else fitted["a"]
+    check_A_tensor(a, "sderf (a)")
+    t2 = (((x + y).unsqueeze(-2) @ Q).squeeze(-2)) ** 2
+    excess = (torch.log1p(-4 * a) - 0.5 * torch.log1p(-8 * a) + t2 / (1 - 8 * a)).sum(dim=-1)
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1(excess)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"saderf": saderf_variance, "sderf": sderf_variance}

@@ -168,3 +168,54 @@ class OPRF(FeatureMap):
         if "A" not in params:
             raise EstimatorError("oprf needs its fitted A: call est.fit(q, k) first")
         return gerf_form(draw.W, params["A"], d)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def check_A_tensor(A: torch.Tensor, owner: str) -> torch.Tensor:
+    """``A`` unchanged when every entry is below 1/8; EstimatorError naming ``owner`` otherwise."""
+    if bool((A >= 0.125).any()):
+        raise EstimatorError(
+            f"{owner}: A >= 1/8 gives an infinite-variance estimator (E exp(4A|omega|^2) diverges); "
+            "use A < 1/8"
+        )
+    return A
+
+
+def gerf_log_excess(A: torch.Tensor, d: int, s2: torch.Tensor) -> torch.Tensor:
+    """log(E[P^2] / e^(2 x.y)) of the s = +1 GERF: d log(1-4A) - (d/2) log(1-8A) + |x+y|^2 / (1-8A)."""
+    return d * (torch.log1p(-4 * A) - 0.5 * torch.log1p(-8 * A)) + s2 / (1 - 8 * A)
+
+
+def gerf_variance_at(A: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Var1 of the s = +1 GERF at A (broadcast with ``[...]``) for x, y ``[..., d]``:
+    e^(2x.y) expm1(``gerf_log_excess``) (CRT, Sec. 3; derived, Monte-Carlo checked in
+    tests/test_theory.py)."""
+    s = x + y
+    excess = gerf_log_excess(A, x.shape[-1], (s * s).sum(dim=-1))
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1(excess)
+
+
+def gerf_variance(fm, x, y, fit) -> torch.Tensor:
+    """GERF at its fixed A (the protocol is rfbench.theory's)."""
+    return gerf_variance_at(torch.tensor(fm.params["A"], dtype=torch.float64, device=x.device), x, y)
+
+
+def gerftrig_variance(fm, x, y, fit) -> torch.Tensor:
+    """GERF s = -1, real A (derived, see ``GERFTrig``), z = x - y, log c = d log(1-4A) - d/2 log(1-8A):
+    e^(2x.y) / 2 (expm1(log c + |z|^2) + expm1(log c - |z|^2 / (1-8A)))."""
+    A = torch.tensor(fm.params["A"], dtype=torch.float64, device=x.device)
+    log_c = x.shape[-1] * (torch.log1p(-4 * A) - 0.5 * torch.log1p(-8 * A))
+    z = x - y
+    z2 = (z * z).sum(dim=-1)
+    both = torch.expm1(log_c + z2) + torch.expm1(log_c - z2 / (1 - 8 * A))
+    return 0.5 * torch.exp(2 * (x * y).sum(dim=-1)) * both
+
+
+def oprf_variance(fm, x, y, fit, *, A=None) -> torch.Tensor:
+    """The GERF variance at the given A, or at the pair's own A*(|x + y|^2 / d) (CRT, OPRF)."""
+    A = check_A_tensor(A, "oprf") if A is not None else fit()["A"].squeeze(-1)
+    return gerf_variance_at(A, x, y)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"gerf": gerf_variance, "gerftrig": gerftrig_variance, "oprf": oprf_variance}

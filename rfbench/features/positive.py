@@ -45,3 +45,23 @@ class HypRF(FeatureMap):
         W = draw.W
         bias = torch.full((2 * W.shape[0],), -0.5 * math.log(2.0), dtype=W.dtype, device=W.device)
         return ExpForm(torch.cat([W, -W], dim=0), bias)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def posrf_variance(fm, x, y, fit) -> torch.Tensor:
+    """Var1 = e^(2x.y) (e^|x+y|^2 - 1), x, y ``[..., d]`` -> ``[...]`` (Choromanski et al., ICLR 2021,
+    Lemma 2). The protocol is rfbench.theory's."""
+    s = x + y
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1((s * s).sum(dim=-1))
+
+
+def hyprf_variance(fm, x, y, fit) -> torch.Tensor:
+    """Var1 = 1/2 e^(-|x|^2-|y|^2) (e^|x+y|^2 - 1)^2 = 2 e^(2x.y) sinh^2(|x+y|^2 / 2): PosRF's second
+    moment averaged over the pair (omega, -omega), whose cross term is e^(-|x|^2-|y|^2) (SM^hyp+ of
+    Choromanski et al., ICLR 2021, Lemma 1)."""
+    s = x + y
+    return 2 * torch.exp(2 * (x * y).sum(dim=-1)) * torch.sinh(0.5 * (s * s).sum(dim=-1)) ** 2
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"posrf": posrf_variance, "hyprf": hyprf_variance}
