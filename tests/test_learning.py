@@ -513,14 +513,36 @@ def test_a_cell_split_is_computed_once_and_reused():
     assert held.second == ((72, 96),) and held.n_first == 72
     val = spec.validation_ranges(held.n_first, "darkl-iid")
     q, k, v = _qkv(L=72)
-    a = fit_estimator(rb.make_estimator("darkl-iid", 8, 8, seed=1), q, k, v, spec.config_for("darkl-iid"),
-                      scale=0.5, progress=False)
-    b = fit_estimator(rb.make_estimator("darkl-iid", 8, 8, seed=1), q, k, v, spec.config_for("darkl-iid"),
-                      scale=0.5, progress=False, split=val)
+    a = fit_estimator(
+        rb.make_estimator("darkl-iid", 8, 8, seed=1),
+        q,
+        k,
+        v,
+        spec.config_for("darkl-iid"),
+        scale=0.5,
+        progress=False,
+    )
+    b = fit_estimator(
+        rb.make_estimator("darkl-iid", 8, 8, seed=1),
+        q,
+        k,
+        v,
+        spec.config_for("darkl-iid"),
+        scale=0.5,
+        progress=False,
+        split=val,
+    )
     assert a.curve.equals(b.curve) and (a.n_train, a.n_val) == (val.n_first, val.n_second)
     with pytest.raises(DataError, match="TokenSplit"):
-        fit_estimator(rb.make_estimator("darkl-iid", 8, 8), q, k, v, QUICK, scale=0.5,
-                      split=spec.validation_ranges(50, "darkl-iid"))
+        fit_estimator(
+            rb.make_estimator("darkl-iid", 8, 8),
+            q,
+            k,
+            v,
+            QUICK,
+            scale=0.5,
+            split=spec.validation_ranges(50, "darkl-iid"),
+        )
 
 
 def test_the_trainer_trains_whatever_a_component_declares_learnable():
@@ -546,9 +568,12 @@ def test_the_trainer_trains_whatever_a_component_declares_learnable():
     q, k, v = _qkv()
     est = Estimator(PosRF(), FreeW(), dim=8, num_features=8, seed=2)
     W0 = est.draw_.W.clone()
-    res = fit_estimator(est, q, k, v, dataclasses.replace(QUICK, steps=6, eval_every=1, lr=0.05),
-                        scale=0.5, progress=False)
+    res = fit_estimator(
+        est, q, k, v, dataclasses.replace(QUICK, steps=6, eval_every=1, lr=0.05), scale=0.5, progress=False
+    )
     assert res.trained and res.best_step > 0 and not res.seed_independent
-    assert est.trained_.parts == ("weights",) and est.target == "free W" and est.target_kernel.log_kernel is None
+    assert (
+        est.trained_.parts == ("weights",) and est.target == "free W" and est.target_kernel.log_kernel is None
+    )
     assert not torch.equal(est.draw_.W, W0) and "freew: W trained" in est.draw_.notes[-1]
     assert vars(est.weight_matrix) == vars(FreeW())  # the component is as constructed

@@ -259,7 +259,9 @@ def test_a_declared_target_kernel_is_used_as_declared():
 
     q, k = _data(B=1, H=2, L=21)
     plain = _fitted("posrf-iid", 8, 6, [0, 1], q, k, 0.5)
-    ests = [Other(e.feature_map, e.weight_matrix, dim=8, num_features=6, seed=e.seed, dtype=F64) for e in plain]
+    ests = [
+        Other(e.feature_map, e.weight_matrix, dim=8, num_features=6, seed=e.seed, dtype=F64) for e in plain
+    ]
     got = M.kernel_errors(ests, q, k, scale=0.5, tile=8)
     want = _dense(ests, q, k, 0.5, log_target=log_k)
     _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])

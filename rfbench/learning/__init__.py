@@ -14,13 +14,25 @@ import importlib
 
 _EXPORTS = {
     "config": (
-        "FitConfig", "FitSpec", "HOLDOUT_KEYS", "OBJECTIVES", "SPLITS", "TokenSplit",
-        "parse_fit_section", "split_ranges", "split_tokens",
+        "FitConfig",
+        "FitSpec",
+        "HOLDOUT_KEYS",
+        "OBJECTIVES",
+        "SPLITS",
+        "TokenSplit",
+        "parse_fit_section",
+        "split_ranges",
+        "split_tokens",
     ),
     "objectives": ("Objective",),
     "training": (
-        "FitResult", "VAL_SEED_BASE", "check_config", "fit_estimator", "target_attention",
-        "target_inputs", "warm_up",
+        "FitResult",
+        "VAL_SEED_BASE",
+        "check_config",
+        "fit_estimator",
+        "target_attention",
+        "target_inputs",
+        "warm_up",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

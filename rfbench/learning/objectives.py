@@ -18,14 +18,20 @@ The estimator is used duck-typed (``params_``, ``log_features``, ``attention``, 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from rfbench import exact
 from rfbench.ops.features.naive import stabiliser_constant
 
+#: An ``rfbench.estimator.Estimator``, used duck-typed: this package never imports the estimator.
+EstimatorLike = Any
 
-def kernel_hat(est: "Estimator", qs: torch.Tensor, ks: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+
+def kernel_hat(
+    est: EstimatorLike, qs: torch.Tensor, ks: torch.Tensor, params
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(K_hat / e^c, c)`` for all pairs of the scaled ``qs [..., Lq, d]``, ``ks [..., Lk, d]``.
 
     The query constant is its row max, the key constant one max shared by all keys: exp() of
@@ -59,7 +65,7 @@ class Objective:
     estimator's ``params_`` and ``draw_``). ``ref``: the exact attention of (q, k, v), if known.
     """
 
-    def __init__(self, est: "Estimator", objective: str, scale: float):
+    def __init__(self, est: EstimatorLike, objective: str, scale: float):
         self.est, self.objective, self.scale = est, objective, scale
         self.s = math.sqrt(scale)
 

@@ -40,7 +40,7 @@ Estimators without learnable parts are fitted the ordinary way (``est.fit`` on a
 given: DARK whitening, the DARKIS proposal, OPRF's A*), with an empty curve, so a runner can call
 ``fit_estimator`` for every estimator of a suite.
 
-The estimator is used duck-typed (string annotations only): this package never imports
+The estimator is used duck-typed (annotated ``EstimatorLike``): this package never imports
 ``rfbench.estimator``, which imports it lazily for ``Estimator.fit(train=...)``.
 """
 
@@ -59,7 +59,7 @@ from rfbench._checks import check_qkv
 from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.features.target import Trained
 from rfbench.learning.config import FitConfig, TokenSplit, split_ranges
-from rfbench.learning.objectives import Objective
+from rfbench.learning.objectives import EstimatorLike, Objective
 
 #: Seeds of the fixed validation draws start here (far from the estimator seeds of a suite).
 VAL_SEED_BASE = 1_000_003
@@ -85,7 +85,7 @@ class FitResult:
         the fitted estimator, ``redraw(seed)``, is what fitting it anew would give.
     """
 
-    estimator: "Estimator"
+    estimator: EstimatorLike
     curve: pd.DataFrame
     fit_ms: float
     best_step: int
@@ -110,11 +110,11 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- honest references
-def _cast(est: "Estimator", x: torch.Tensor) -> torch.Tensor:
+def _cast(est: EstimatorLike, x: torch.Tensor) -> torch.Tensor:
     return x.to(device=est.device, dtype=est.compute_dtype)
 
 
-def target_inputs(est: "Estimator", q: torch.Tensor, k: torch.Tensor, *, scale: float):
+def target_inputs(est: EstimatorLike, q: torch.Tensor, k: torch.Tensor, *, scale: float):
     """``(q', k')`` with target kernel exp(q' . k') for the inputs at ``scale``, or None.
 
     q' = T(q * scale**0.5) with T the feature map's ``target_transform`` (identity for the softmax
@@ -131,7 +131,7 @@ def target_inputs(est: "Estimator", q: torch.Tensor, k: torch.Tensor, *, scale: 
     return fm.target_transform(qs, params, True), fm.target_transform(ks, params, False)
 
 
-def _fitted_params(est: "Estimator", scale: float, what: str) -> dict:
+def _fitted_params(est: EstimatorLike, scale: float, what: str) -> dict:
     if not est.feature_map.data_dependent:
         return {}
     if est.params_ is None or est.fit_scale_ is None or not math.isclose(est.fit_scale_, scale):
@@ -143,7 +143,7 @@ def _fitted_params(est: "Estimator", scale: float, what: str) -> dict:
 
 
 def target_attention(
-    est: "Estimator", q, k, v, *, scale: float, causal: bool = False, dtype: torch.dtype | None = None
+    est: EstimatorLike, q, k, v, *, scale: float, causal: bool = False, dtype: torch.dtype | None = None
 ) -> torch.Tensor | None:
     """Exact attention under the estimator's own target kernel (None: no closed form).
 
@@ -214,13 +214,13 @@ class _Plan:
     redraw: bool
 
 
-def check_config(est: "Estimator", config: FitConfig) -> None:
+def check_config(est: EstimatorLike, config: FitConfig) -> None:
     """Raise EstimatorError when ``config`` cannot fit ``est`` (e.g. a variance objective for a
     learner of its own kernel, or redraws for FastFood-L), values v being given."""
     _plan(est, config, v=True)
 
 
-def _plan(est: "Estimator", cfg: FitConfig, v) -> _Plan:
+def _plan(est: EstimatorLike, cfg: FitConfig, v) -> _Plan:
     """The learnable parts of ``est`` (declared by its components); EstimatorError for
     impossible combinations."""
     fm_learns, wm_learns = bool(est.feature_map.learnable), bool(est.weight_matrix.learnable)
@@ -296,7 +296,7 @@ def warm_up() -> None:
 
 
 def fit_estimator(
-    est: "Estimator",
+    est: EstimatorLike,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor | None = None,
@@ -345,7 +345,7 @@ def fit_estimator(
         return _fit(est, q, k, v, cfg, float(scale), plan, progress, split)
 
 
-def _fit_plainly(est: "Estimator", q, k, cfg: FitConfig, scale: float, t0: float) -> FitResult:
+def _fit_plainly(est: EstimatorLike, q, k, cfg: FitConfig, scale: float, t0: float) -> FitResult:
     """Nothing learnable: the ordinary fit on all the tokens given, an empty curve."""
     if est.feature_map.data_dependent:
         est.fit(q, k, scale=scale)
@@ -358,7 +358,17 @@ def _fit_plainly(est: "Estimator", q, k, cfg: FitConfig, scale: float, t0: float
     )
     ms = (time.perf_counter() - t0) * 1e3
     return FitResult(
-        est, curve, ms, 0, est.target, False, "not trainable", cfg.objective, q.shape[-2], 0, seed_independent=True
+        est,
+        curve,
+        ms,
+        0,
+        est.target,
+        False,
+        "not trainable",
+        cfg.objective,
+        q.shape[-2],
+        0,
+        seed_independent=True,
     )
 
 
@@ -403,7 +413,9 @@ def _fit(est, q, k, v, cfg: FitConfig, scale: float, plan: _Plan, progress, spli
         factors = {key: t.detach().clone().requires_grad_(True) for key, t in start.items()}
         with torch.no_grad():
             if not torch.allclose(build(factors), orig_draw.W, rtol=1e-5, atol=1e-5):  # a bug, not the user's
-                raise AssertionError(f"{est.weight_matrix.name}: its learnable tensors do not rebuild its draw")
+                raise AssertionError(
+                    f"{est.weight_matrix.name}: its learnable tensors do not rebuild its draw"
+                )
     parameters = [*trainable.values(), *factors.values()]
     if not parameters:
         raise EstimatorError(f"{est.name}: nothing to train (no trainable parameter)")
@@ -513,7 +525,7 @@ def _fit(est, q, k, v, cfg: FitConfig, scale: float, plan: _Plan, progress, spli
     )
 
 
-def _mark_trained(est: "Estimator", plan: _Plan) -> None:
+def _mark_trained(est: EstimatorLike, plan: _Plan) -> None:
     """Record on the estimator what was trained and the target kernel it now approximates.
 
     A trained weight matrix changes the kernel of whatever map it is paired with, so its

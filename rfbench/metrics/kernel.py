@@ -207,13 +207,13 @@ def kernel_errors(
         qe = [qf[g].to(device=e.device, dtype=e.compute_dtype) * s for e in estimators]
         ke = [kf[g].to(device=e.device, dtype=e.compute_dtype) * s for e in estimators]
         params = [
-            slice_params(e.params_ or {}, lead, g) if e.feature_map.data_dependent else {}
-            for e in estimators
+            slice_params(e.params_ or {}, lead, g) if e.feature_map.data_dependent else {} for e in estimators
         ]
         sums = None
         if attention_matrix:
             sums = [
-                key_sums(e, qe[i], ke[i], params[i], ri, causal, chunk, dtype) for i, e in enumerate(estimators)
+                key_sums(e, qe[i], ke[i], params[i], ri, causal, chunk, dtype)
+                for i, e in enumerate(estimators)
             ]
         for i0, r in row_tiles(ri, tile):
             qfeat = [row_features(e, qe[i][:, r], params[i], True, dtype) for i, e in enumerate(estimators)]
@@ -246,7 +246,9 @@ def kernel_errors(
                 for i, e in enumerate(estimators):
                     phi_q, cq = qfeat[i]
                     phi_k, ck = row_features(e, ke[i][:, c_idx], params[i], False, dtype)
-                    G_ = phi_q @ phi_k.transpose(-1, -2)  # [G, ti, tj]: products relative to the row constants
+                    G_ = phi_q @ phi_k.transpose(
+                        -1, -2
+                    )  # [G, ti, tj]: products relative to the row constants
                     Kh = G_ * torch.exp(cq.unsqueeze(-1) + ck.unsqueeze(-2))
                     stack[i] = Kh
                     ksum.add_seed(i, Kh, K, Kt)
