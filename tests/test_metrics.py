@@ -324,3 +324,25 @@ def test_all_zero_feature_rows_give_zeros_not_nan():
     got = M.kernel_errors([est], q, k, tile=14, chunk=14)
     assert all(math.isfinite(x) for x in got.attn_mse + got.kernel_mse)
     _close(got.attn_mse, _dense([est], q, k, 1.0)["attn_mse"])
+
+
+def test_relu_features_are_measured_against_the_arc_cosine_kernel():
+    """A map whose target is not exponential: ReLU features against the arc-cosine kernel of
+    order 1, k(x, y) = |x| |y| (sin t + (pi - t) cos t) / pi (Cho & Saul, NeurIPS 2009, eq. 6),
+    written out here; the plain columns stay against exp(q . k)."""
+    q, k = _data(B=1, H=2, L=30)
+    ests = [rb.make_estimator("relu-iid", 8, 64, seed=s, dtype=F64) for s in range(3)]
+    assert not ests[0].target_kernel.is_softmax
+
+    def log_arccos(a, b):
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True).transpose(-1, -2)
+        cos = ((a @ b.transpose(-1, -2)) / (na * nb)).clamp(-1, 1)
+        t = torch.arccos(cos)
+        return torch.log(na * nb * (torch.sin(t) + (math.pi - t) * cos) / math.pi)
+
+    for causal in (False, True):
+        got = M.kernel_errors(ests, q, k, scale=0.5, causal=causal, tile=8, chunk=11)
+        want = _dense(ests, q, k, 0.5, causal=causal, log_target=log_arccos)
+        _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
+        for key in ("kernel_rel_mse", "attn_mse"):
+            _close(getattr(got, key), want[key])
