@@ -6,7 +6,7 @@ iteration; ``accumulate``: the streaming sums; ``features``: estimator features 
 one stabiliser's constants; ``reference``: the exact row log-sum-exp, relative error, row samples.
 """
 
-from rfbench.metrics.kernel import KernelErrors, kernel_errors, same_params
+from rfbench.metrics.kernel import KernelErrors, kernel_errors, same_params, same_target
 from rfbench.metrics.reference import MEMORY_BUDGET, exact_row_lse, relative_error, sample_rows
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "kernel_errors",
     "relative_error",
     "same_params",
+    "same_target",
     "sample_rows",
 ]

@@ -72,15 +72,24 @@ def same_params(a: dict | None, b: dict | None) -> bool:
     return True
 
 
+def same_target(a, b) -> bool:
+    """Whether estimators ``a`` and ``b`` declare the same target kernel: the same name, the same
+    kind of feature map and the same fitted parameters (seeds that share their fit, and darkl
+    trained with a fixed ``FitConfig.seed``, do; seeds fitted or trained apart do not)."""
+    return (
+        a.target == b.target
+        and type(a.feature_map) is type(b.feature_map)
+        and same_params(a.params_, b.params_)
+    )
+
+
 def _target_slots(estimators) -> tuple[list[int | None], list]:
     """Which declared target kernel each estimator is measured against.
 
     Returns ``(slots, kernels)``: ``slots[i]`` indexes the distinct non-softmax target kernels
     with a closed form (None where the target is the softmax kernel or has no closed form, e.g.
-    a trained FastFood-L's learned spectral kernel), ``kernels[j]`` its ``log_kernel``. Seeds
-    whose targets have the same name, the same kind of feature map and the same fitted
-    parameters (the usual case, and darkl trained with a fixed ``FitConfig.seed``) share one
-    kernel; seeds fitted or trained apart are each scored on their own.
+    a trained FastFood-L's learned spectral kernel), ``kernels[j]`` its ``log_kernel``;
+    estimators with ``same_target`` share one kernel.
     """
     slots: list[int | None] = []
     owners: list = []  # (estimator, its TargetKernel)
@@ -89,17 +98,11 @@ def _target_slots(estimators) -> tuple[list[int | None], list]:
         if target.is_softmax or target.log_kernel is None:
             slots.append(None)
             continue
-        for j, (other, t) in enumerate(owners):
-            if (
-                t.name == target.name
-                and type(other.feature_map) is type(e.feature_map)
-                and same_params(other.params_, e.params_)
-            ):
-                slots.append(j)
-                break
-        else:
+        j = next((j for j, (other, _) in enumerate(owners) if same_target(other, e)), None)
+        if j is None:
             owners.append((e, target))
-            slots.append(len(owners) - 1)
+            j = len(owners) - 1
+        slots.append(j)
     return slots, [t.log_kernel for _, t in owners]
 
 
