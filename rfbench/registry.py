@@ -27,6 +27,7 @@ FEATURE_MAPS: dict[str, str] = {
     "dark": "rfbench.features.dark:DARK",
     "darkis": "rfbench.features.dark:DARKIS",
     "darkl": "rfbench.features.dark_learned:DARKLearned",
+    "relu": "rfbench.features.relu:ReLU",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {
