@@ -51,7 +51,8 @@ def test_rows_are_pairwise_negatives_of_iid_rows(m, d):
     assert tuple(W.shape) == (m, d)
     assert torch.equal(W[m // 2:], -W[: m // 2])
     # The first half is exactly the iid draw of m/2 rows from the same generator.
-    iid = registry.get_weight_matrix("iid").sample(m // 2, d, generator=torch.Generator().manual_seed(5), dtype=F64)
+    gen = torch.Generator().manual_seed(5)
+    iid = registry.get_weight_matrix("iid").sample(m // 2, d, generator=gen, dtype=F64)
     assert torch.equal(W[: m // 2], iid.W)
 
 

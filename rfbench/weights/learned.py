@@ -124,7 +124,8 @@ class FastFoodL(FastFood):
         return start, lambda tensors: torch.func.functional_call(module, tensors, ())
 
     def trained_target(self, params=None):
-        """A trained W estimates a learned spectral kernel: no closed form (TargetKernel without log_kernel)."""
+        """A trained W estimates a learned spectral kernel: no closed form (a TargetKernel without
+        log_kernel)."""
         from rfbench.features.target import TargetKernel
 
         return TargetKernel(LEARNED_TARGET, None)
