@@ -31,7 +31,7 @@ import math
 import torch
 
 from rfbench import ops
-from rfbench._checks import check_qkv, check_tensor
+from rfbench._checks import check_positive_int, check_qkv, check_tensor
 from rfbench.errors import EstimatorError, UnsupportedError
 from rfbench.features.base import FeatureMap, Params
 from rfbench.features.target import TargetKernel, Trained
@@ -67,9 +67,8 @@ class Estimator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        for value, what in ((dim, "dim"), (num_features, "num_features")):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise EstimatorError(f"{what} must be a positive integer, got {value!r}")
+        check_positive_int(dim, "dim")
+        check_positive_int(num_features, "num_features")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise EstimatorError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         reasons = feature_map.supports(weight_matrix) + weight_matrix.supports(num_features, dim)
@@ -318,8 +317,7 @@ class Estimator:
         fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math).
         """
         check_qkv(q, k, v, dim=self.dim)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-            raise EstimatorError(f"chunk must be a positive integer (tokens per causal block), got {chunk!r}")
+        check_positive_int(chunk, "chunk", hint=" (tokens per causal block)")
         if causal and q.shape[-2] != k.shape[-2]:
             raise EstimatorError(
                 f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
