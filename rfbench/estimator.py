@@ -186,11 +186,20 @@ class Estimator:
         self.fit_scale_ = float(scale)
         return self
 
-    def _params(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False) -> Params:
+    def _fitted(self, scale: float) -> Params | None:
+        """The parameters in use at ``scale`` without fitting: {} (data-independent map), ``params_``
+        (fitted at this scale), or None (to be fitted on the call's inputs)."""
         if not self.feature_map.data_dependent:
             return {}
         if self.params_ is not None and self.fit_scale_ is not None and math.isclose(self.fit_scale_, scale):
             return self.params_
+        return None
+
+    def _params(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False) -> Params:
+        """Parameters for scaled inputs ``q``, ``k`` at ``scale`` (fitted on them if need be)."""
+        params = self._fitted(scale)
+        if params is not None:
+            return params
         if causal:
             raise UnsupportedError(
                 f"{self.name} fits its parameters to the whole sequence, which would let future "
@@ -299,6 +308,13 @@ class Estimator:
             reasons.append("gradients are needed: the fused kernels have no backward pass (the torch path has)")
         return reasons + ops.not_supported_reasons(q, k, v, d=q.shape[-1], dv=v.shape[-1])
 
+    def _fused_attention(self, q, k, v, params: Params, scale: float, causal: bool) -> torch.Tensor | None:
+        """``ops.rf_attention`` on ``self.form(params, scale)``, or None where ``fused_reasons`` objects."""
+        form = self.form(params, scale)
+        if self.fused_reasons(q, k, v, form):
+            return None
+        return ops.rf_attention(q, k, v, form, causal)
+
     def attention(
         self,
         q: torch.Tensor,
@@ -324,11 +340,16 @@ class Estimator:
             )
         scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
         s = math.sqrt(scale)
+        params = self._fitted(scale)
+        if q.is_cuda and params is not None:  # the kernels take q, k, v as given: no cast, no copy
+            out = self._fused_attention(q, k, v, params, scale, causal)
+            if out is not None:
+                return out
         qs, ks = self._cast(q) * s, self._cast(k) * s
-        params = self._params(qs, ks, scale, causal=causal)
-        if q.is_cuda:
-            form = self.form(params, scale)
-            if not self.fused_reasons(q, k, v, form):
-                return ops.rf_attention(q, k, v, form, causal)
+        if params is None:  # fitted on this call's tokens (FAVOR++/FAVOR# at attention time)
+            params = self._params(qs, ks, scale, causal=causal)
+            out = self._fused_attention(q, k, v, params, scale, causal) if q.is_cuda else None
+            if out is not None:
+                return out
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
         return linear_attention(Q, K, mk, self._cast(v), causal, chunk).to(v.dtype)
