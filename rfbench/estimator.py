@@ -300,12 +300,16 @@ class Estimator:
         if self.device.type != "cuda" or q.device != self.device:
             reasons.append(f"estimator on {self.device} with inputs on {q.device}; the kernels run on CUDA")
         if self.compute_dtype != torch.float32:
-            reasons.append(f"the estimator computes in {self.compute_dtype}; the kernels accumulate in float32")
+            reasons.append(
+                f"the estimator computes in {self.compute_dtype}; the kernels accumulate in float32"
+            )
         tensors = [q, k, v, self.draw_.W, *(self.params_ or {}).values()]
         if form is not None:
             tensors += [form.W, form.bias]
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-            reasons.append("gradients are needed: the fused kernels have no backward pass (the torch path has)")
+            reasons.append(
+                "gradients are needed: the fused kernels have no backward pass (the torch path has)"
+            )
         return reasons + ops.not_supported_reasons(q, k, v, d=q.shape[-1], dv=v.shape[-1])
 
     def _fused_attention(self, q, k, v, params: Params, scale: float, causal: bool) -> torch.Tensor | None:

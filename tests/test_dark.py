@@ -112,7 +112,8 @@ def test_declared_target_kernels():
     aligned = rb.make_estimator("darkl-iid", dim=d, num_features=8, dtype=F64).fit(q, k)
     Ma = aligned.params_["M"]
     torch.testing.assert_close(
-        aligned.target_kernel.log_kernel(q, k), (q @ Ma.transpose(-1, -2)) @ (k @ Ma.transpose(-1, -2)).transpose(-1, -2)
+        aligned.target_kernel.log_kernel(q, k),
+        (q @ Ma.transpose(-1, -2)) @ (k @ Ma.transpose(-1, -2)).transpose(-1, -2),
     )
     assert aligned.trained_ is None and aligned.target == "exp(q^T Sigma k)"
 

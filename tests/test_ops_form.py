@@ -108,7 +108,8 @@ def _importance(omega, x, sigma):  # sqrt(p_I / p_Sigma)(omega) exp(omega . x - 
     return w * torch.exp(x @ omega.T - 0.5 * (x * x).sum(-1, keepdim=True))
 
 
-def _sderf(W, x, Q, a):  # FAVOR# DERF: D exp(w^T A w + w^T B x - |x|^2/2), A = diag(a), B = diag(sqrt(1-4a)) Q^T
+def _sderf(W, x, Q, a):
+    # FAVOR# DERF: D exp(w^T A w + w^T B x - |x|^2/2), A = diag(a), B = diag(sqrt(1 - 4a)) Q^T
     Dc = torch.prod((1 - 4 * a) ** 0.25)
     B = torch.diag(torch.sqrt(1 - 4 * a)) @ Q.T
     quad = (W * W * a).sum(-1)
@@ -260,7 +261,8 @@ def test_stabiliser_gives_zero_for_rows_of_all_zero_features():
         assert bool(torch.isfinite(c).all()), kind
         phi = torch.exp(lp - c)
         assert bool(torch.isfinite(phi).all()) and torch.equal(phi[0], torch.zeros(4, dtype=F64)), kind
-    assert float(stabiliser_constant(lp, "row")[0]) == 0.0 and float(stabiliser_constant(lp, "prefix")[0]) == 0.0
+    assert float(stabiliser_constant(lp, "row")[0]) == 0.0
+    assert float(stabiliser_constant(lp, "prefix")[0]) == 0.0
     assert float(stabiliser_constant(torch.full((3, 2), -math.inf), "shared").abs().max()) == 0.0
 
 

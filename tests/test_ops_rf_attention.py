@@ -159,7 +159,7 @@ def test_every_buffer_is_written_before_it_is_read(monkeypatch):
     """As fla's conftest: torch.empty filled with NaN; a kernel reading an unwritten element shows it."""
     form = _make("hyprf-iid", {}, 16, 20).form({}, 0.25).to(device=DEV)
     q, k, v = _qkv((2,), 37, 37, 16, 24, torch.bfloat16, seed=6)
-    refs = {causal: fused_rf_attention(q, k, v, form, causal, block_t=16, splits=3) for causal in (False, True)}
+    refs = {c: fused_rf_attention(q, k, v, form, c, block_t=16, splits=3) for c in (False, True)}
     empty = torch.empty
 
     def nan_empty(*args, **kwargs):

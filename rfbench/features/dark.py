@@ -128,7 +128,7 @@ def importance_bias(W: torch.Tensor, omega: torch.Tensor, log_det: torch.Tensor)
 
 
 def aligned_form(W: torch.Tensor, M: torch.Tensor) -> ExpForm:
-    """PosRF on M x: log f = w . Mx - |Mx|^2 / 2, so W_eff = W M and P = M (``[..., m, d]``, ``[..., d, d]``)."""
+    """PosRF on M x: log f = w . Mx - |Mx|^2 / 2, so W_eff = W M ``[..., m, d]`` and P = M ``[..., d, d]``."""
     M = M.to(device=W.device, dtype=W.dtype)
     return ExpForm(W @ M, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device), -0.5, M)
 

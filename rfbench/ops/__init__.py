@@ -127,8 +127,9 @@ def kernel_error(
     tile: int = 1024,
     **kw,
 ) -> KernelErrorSums:
-    """Kernel-error sums of ``form`` against exp(tq . tk) (tq, tk default to q, k: the softmax kernel;
-    pass the target's inputs, e.g. DARK's M q, M k) over all pairs, never holding an L x L matrix (torch path: key tiles of ``tile``)."""
+    """Kernel-error sums of ``form`` against exp(tq . tk) over all pairs (tq, tk default to q, k: the
+    softmax kernel; pass the target's inputs, e.g. DARK's M q, M k), never holding an L x L matrix
+    (torch path: key tiles of ``tile``)."""
     tensors = [t for t in (q, k, tq, tk) if t is not None]
     if _use_triton(backend, tensors, form, (q if tq is None else tq).shape[-1]):
         from rfbench.ops.kernel_error.fused import fused_kernel_error

@@ -66,8 +66,8 @@ def record_launches(
     """
     from rfbench.ops import common
     from rfbench.ops.features import fused as feat
-    from rfbench.ops.kernel_error import fused as kerr
     from rfbench.ops.form import ExpForm
+    from rfbench.ops.kernel_error import fused as kerr
     from rfbench.ops.rf_attention import fused as attn
 
     log: list = []

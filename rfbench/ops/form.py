@@ -54,9 +54,8 @@ class ExpForm:
     def to(self, device=None, dtype=None) -> ExpForm:
         P = None if self.P is None else self.P.to(device=device, dtype=dtype)
         sign = None if self.sign is None else self.sign.to(device=device, dtype=dtype)
-        return ExpForm(
-            self.W.to(device=device, dtype=dtype), self.bias.to(device=device, dtype=dtype), self.coef, P, sign
-        )
+        W, bias = self.W.to(device=device, dtype=dtype), self.bias.to(device=device, dtype=dtype)
+        return ExpForm(W, bias, self.coef, P, sign)
 
     def lead_shape(self) -> torch.Size:
         """Leading (batch/head) dims the parameters carry; () when shared by all."""

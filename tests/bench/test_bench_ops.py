@@ -93,7 +93,8 @@ def test_bench_gpu_kernel_error(run_bench, L):
     qs, ks, _ = _qkv(2049, torch.float32, "cuda", heads=(1, 8))
     qs, ks = qs * D**-0.25, ks * D**-0.25
     gate = ops.kernel_error(qs, ks, form, backend="triton")
-    torch.testing.assert_close(gate.sse, ops.kernel_error(qs, ks, form, backend="torch").sse, rtol=2e-2, atol=0)
+    ref = ops.kernel_error(qs, ks, form, backend="torch").sse
+    torch.testing.assert_close(gate.sse, ref, rtol=2e-2, atol=0)
     q, k, _ = _qkv(L, torch.float32, "cuda", heads=(1, 8))
     q, k = q * D**-0.25, k * D**-0.25
     run_bench(lambda: ops.kernel_error(q, k, form, backend="triton"), gpu=True, L=L, m=256, d=D, heads=8)

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from rfbench.ops.common import launch_options, load_tile
 from rfbench.ops.features.fused import fused_features
-from rfbench.ops.kernel_error.naive import KernelErrorSums
 from rfbench.ops.form import ExpForm
+from rfbench.ops.kernel_error.naive import KernelErrorSums
 from rfbench.ops.utils import flatten, next_pow2, refuse_signed
 
 
