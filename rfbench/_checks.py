@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from rfbench.errors import DataError
+from rfbench.errors import DataError, EstimatorError
+
+
+def check_positive_int(value, what: str, *, hint: str = "", error: type = EstimatorError) -> int:
+    """``value`` if it is a positive int (not a bool); ``error`` naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise error(f"{what} must be a positive integer{hint}, got {value!r}")
+    return value
 
 
 def check_tensor(x, name: str, *, dim: int | None = None, min_ndim: int = 2) -> torch.Tensor:

@@ -4,7 +4,7 @@
     est.kernel(q, k)            # [..., Lq, Lk] estimate of exp(q . k), on the true scale
     est.attention(q, k, v)      # approximates softmax(q k^T / sqrt(d)) v
 
-Stabilisers used (each exact):
+Stabilisers used (each exact; ``rfbench.ops.features.naive.stabiliser_constant``):
 - a per-query constant (the query's max log-feature) is removed before exp(); it cancels
   between the numerator and the denominator of that query's attention row, and ``kernel()``
   multiplies it back;
@@ -17,6 +17,11 @@ Stabilisers used (each exact):
   back in log space (exact): another key's large features cannot underflow a key's, and
   exp(mq + mk) cannot overflow on its own. A pair whose dominant term lies ~e^-87 below both
   maxima still underflows in float32.
+- a row whose features are all zero (log-features all -inf) gets the constant 0, so its
+  features and kernel row are zeros, not NaN.
+
+State (trailing underscore, all of it here; the feature map and weight matrix never change):
+``draw_``, ``params_``, ``fit_scale_``, ``trained_`` and ``fit_result_``.
 """
 
 from __future__ import annotations
@@ -25,20 +30,30 @@ import math
 
 import torch
 
-from rfbench._checks import check_qkv, check_tensor
+from rfbench import ops
+from rfbench._checks import check_positive_int, check_qkv, check_tensor
 from rfbench.errors import EstimatorError, UnsupportedError
 from rfbench.features.base import FeatureMap, Params
+from rfbench.features.target import TargetKernel, Trained
+from rfbench.ops.features.naive import stabiliser_constant
+from rfbench.ops.form import ExpForm
+from rfbench.ops.rf_attention.naive import linear_attention
 from rfbench.weights.base import WeightMatrix
+
+__all__ = ["Estimator", "Trained"]
 
 
 class Estimator:
     """A feature map x weight matrix pair with one drawn set of m random vectors.
 
     Attributes:
-        num_omega: m, the number of random vectors drawn.
+        num_features: m, the number of random vectors drawn.
         feature_dim: F, the number of output features (m * per_omega).
+        dim: d, the input dimension.
         draw_: the WeightDraw (``W: [m, d]``).
-        params_: fitted data-dependent parameters, or None.
+        params_: fitted data-dependent parameters, or None; ``fit_scale_`` the scale they are for.
+        trained_: None, or a ``Trained`` (set by rfbench.learning) saying what training changed.
+        fit_result_: the trainer's FitResult after ``fit(..., train=...)``, else None.
     """
 
     def __init__(
@@ -52,9 +67,8 @@ class Estimator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        for value, what in ((dim, "dim"), (num_features, "num_features")):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise EstimatorError(f"{what} must be a positive integer, got {value!r}")
+        check_positive_int(dim, "dim")
+        check_positive_int(num_features, "num_features")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise EstimatorError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         reasons = feature_map.supports(weight_matrix) + weight_matrix.supports(num_features, dim)
@@ -63,7 +77,7 @@ class Estimator:
         self.feature_map = feature_map
         self.weight_matrix = weight_matrix
         self.dim = dim
-        self.num_omega = num_features
+        self.num_features = num_features
         self.seed = int(seed)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -72,6 +86,8 @@ class Estimator:
         self.draw_ = self._draw(self.seed)
         self.params_: Params | None = None
         self.fit_scale_: float | None = None
+        self.trained_: Trained | None = None
+        self.fit_result_ = None
 
     # ----------------------------------------------------------------- descriptive
     @property
@@ -80,7 +96,7 @@ class Estimator:
 
     @property
     def feature_dim(self) -> int:
-        return self.num_omega * self.feature_map.per_omega
+        return self.num_features * self.feature_map.per_omega
 
     @property
     def unbiased(self) -> bool:
@@ -88,7 +104,17 @@ class Estimator:
         return self.feature_map.unbiased and self.weight_matrix.unbiased
 
     @property
+    def target_kernel(self) -> TargetKernel:
+        """The kernel ``kernel()`` estimates: the trained one, else the map's at ``params_``."""
+        if self.trained_ is not None:
+            return self.trained_.target
+        return self.feature_map.target_kernel(self.params_ or {})
+
+    @property
     def target(self) -> str:
+        """The target kernel's name (for results tables)."""
+        if self.trained_ is not None:
+            return self.trained_.target.name
         return self.feature_map.target
 
     def info(self) -> dict:
@@ -98,7 +124,7 @@ class Estimator:
             "feature_map": self.feature_map.name,
             "weight_matrix": self.weight_matrix.name,
             "dim": self.dim,
-            "num_omega": self.num_omega,
+            "num_features": self.num_features,
             "feature_dim": self.feature_dim,
             "unbiased": self.unbiased,
             "target": self.target,
@@ -107,7 +133,7 @@ class Estimator:
 
     def __repr__(self) -> str:
         return (
-            f"Estimator({self.name}, dim={self.dim}, num_features={self.num_omega}, "
+            f"Estimator({self.name}, dim={self.dim}, num_features={self.num_features}, "
             f"seed={self.seed}, device={self.device}, dtype={self.dtype})"
         )
 
@@ -115,7 +141,7 @@ class Estimator:
     def _draw(self, seed: int):
         generator = torch.Generator().manual_seed(seed)
         return self.feature_map.draw(
-            self.weight_matrix, self.num_omega, self.dim,
+            self.weight_matrix, self.num_features, self.dim,
             generator=generator, device=self.device, dtype=self.compute_dtype,
         )
 
@@ -160,11 +186,20 @@ class Estimator:
         self.fit_scale_ = float(scale)
         return self
 
-    def _params(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False) -> Params:
+    def _fitted(self, scale: float) -> Params | None:
+        """The parameters in use at ``scale`` without fitting: {} (data-independent map), ``params_``
+        (fitted at this scale), or None (to be fitted on the call's inputs)."""
         if not self.feature_map.data_dependent:
             return {}
         if self.params_ is not None and self.fit_scale_ is not None and math.isclose(self.fit_scale_, scale):
             return self.params_
+        return None
+
+    def _params(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = False) -> Params:
+        """Parameters for scaled inputs ``q``, ``k`` at ``scale`` (fitted on them if need be)."""
+        params = self._fitted(scale)
+        if params is not None:
+            return params
         if causal:
             raise UnsupportedError(
                 f"{self.name} fits its parameters to the whole sequence, which would let future "
@@ -178,20 +213,39 @@ class Estimator:
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.compute_dtype)
 
+    def _row_terms(self) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+        """``(log_w, sign)``: what the average over the m rows adds to each feature's log-magnitude
+        (the one place the 1/m or the row weights are applied), and the query-side sign ``[F]``
+        (None when every weight is positive).
+
+        sqrt of the weight on each side: -log(m)/2 (plain Monte Carlo), or log |w_i| / 2 with the
+        sign of a (sparse-grid) weight on the query side.
+        """
+        rw = self.draw_.row_weights
+        if rw is None:
+            return -0.5 * math.log(self.num_features), None
+        w = rw.repeat(self.feature_map.per_omega)
+        return 0.5 * torch.log(w.abs()), (torch.sign(w) if self.draw_.signed else None)
+
+    def form(self, params: Params, scale: float = 1.0) -> ExpForm | None:
+        """The ExpForm of this estimator's features of ``scale**0.5 * x`` at ``params`` (1/m or the
+        row weights and their signs folded in); None for maps that are not exponential."""
+        form = self.feature_map.exp_form(self.draw_, params, self.dim)
+        if form is None:
+            return None
+        log_w, sign = self._row_terms()
+        form = ExpForm(form.W, form.bias + log_w, form.coef, form.P, sign)
+        return form.scaled(math.sqrt(scale)) if scale != 1.0 else form
+
     def log_features(
         self, x: torch.Tensor, params: Params, is_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(log_mag, factor)`` of the normalised features of ``x: [..., L, d]``."""
         log_mag, factor = self.feature_map.log_features(x, self.draw_, params, is_query)
-        rw = self.draw_.row_weights
-        if rw is None:
-            log_mag = log_mag - 0.5 * math.log(self.num_omega)
-        else:
-            w = rw.repeat(self.feature_map.per_omega)
-            # sqrt(|w|) on each side; the sign of a (sparse-grid) weight goes to the query side.
-            log_mag = log_mag + 0.5 * torch.log(w.abs())
-            if is_query and self.draw_.signed:
-                factor = torch.sign(w) if factor is None else factor * torch.sign(w)
+        log_w, sign = self._row_terms()
+        log_mag = log_mag + log_w
+        if is_query and sign is not None:
+            factor = sign if factor is None else factor * sign
         return log_mag, factor
 
     def features(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
@@ -209,13 +263,10 @@ class Estimator:
         """Query and key features with the exact stabilisers of the module docstring."""
         lq, fq = self.log_features(q, params, is_query=True)
         lk, fk = self.log_features(k, params, is_query=False)
-        mq = lq.amax(dim=-1, keepdim=True)  # per-query constant: cancels in its own row
-        if per_key:
-            mk = lk.amax(dim=-1, keepdim=True)  # kernel() only: each entry gets its own constants back
-        elif causal:
-            mk = torch.cummax(lk.amax(dim=-1), dim=-1).values.unsqueeze(-1)  # prefix max, [..., L, 1]
-        else:
-            mk = lk.amax(dim=(-2, -1), keepdim=True)  # one constant shared by all keys
+        mq = stabiliser_constant(lq, "row")  # per-query constant: cancels in its own row
+        # kernel() gives each entry its constants back (per key); attention needs one shared by
+        # all keys, or the prefix max when causal
+        mk = stabiliser_constant(lk, "row" if per_key else "prefix" if causal else "shared")
         Q = torch.exp(lq - mq)
         K = torch.exp(lk - mk)
         if fq is not None:
@@ -234,6 +285,40 @@ class Estimator:
         # Constants go back in log space: exp(mq + mk) alone can overflow where the estimate does not.
         return torch.sign(P) * torch.exp(torch.log(P.abs()) + (mq + mk.transpose(-1, -2)))
 
+    def fused_reasons(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: ExpForm | None
+    ) -> list[str]:
+        """Why ``attention(q, k, v)`` cannot run on the fused kernels with ``form`` (empty when it can)."""
+        reasons = []
+        if form is None:
+            reasons.append(f"feature map {self.feature_map.name!r} is not exponential (no ExpForm)")
+        elif form.signed:
+            reasons.append(
+                f"weight matrix {self.weight_matrix.name!r} drew negative quadrature weights, so the "
+                "features are signed; the fused kernels serve positive features only"
+            )
+        if self.device.type != "cuda" or q.device != self.device:
+            reasons.append(f"estimator on {self.device} with inputs on {q.device}; the kernels run on CUDA")
+        if self.compute_dtype != torch.float32:
+            reasons.append(
+                f"the estimator computes in {self.compute_dtype}; the kernels accumulate in float32"
+            )
+        tensors = [q, k, v, self.draw_.W, *(self.params_ or {}).values()]
+        if form is not None:
+            tensors += [form.W, form.bias]
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+            reasons.append(
+                "gradients are needed: the fused kernels have no backward pass (the torch path has)"
+            )
+        return reasons + ops.not_supported_reasons(q, k, v, d=q.shape[-1], dv=v.shape[-1])
+
+    def _fused_attention(self, q, k, v, params: Params, scale: float, causal: bool) -> torch.Tensor | None:
+        """``ops.rf_attention`` on ``self.form(params, scale)``, or None where ``fused_reasons`` objects."""
+        form = self.form(params, scale)
+        if self.fused_reasons(q, k, v, form):
+            return None
+        return ops.rf_attention(q, k, v, form, causal)
+
     def attention(
         self,
         q: torch.Tensor,
@@ -248,75 +333,27 @@ class Estimator:
 
         q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` -> ``[..., Lq, dv]`` in v's
         dtype. ``scale`` defaults to 1/sqrt(d); the feature map sees ``x * scale**0.5``.
-        With ``causal`` (needs Lq == Lk), output t depends on tokens s <= t only.
+        With ``causal`` (needs Lq == Lk), output t depends on tokens s <= t only. On CUDA the
+        fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math).
         """
         check_qkv(q, k, v, dim=self.dim)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-            raise EstimatorError(f"chunk must be a positive integer (tokens per causal block), got {chunk!r}")
+        check_positive_int(chunk, "chunk", hint=" (tokens per causal block)")
         if causal and q.shape[-2] != k.shape[-2]:
             raise EstimatorError(
                 f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
             )
         scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
-        if q.is_cuda:  # fused Triton kernels where they serve this case (same math: rfbench/ops)
-            from rfbench import ops
-
-            if not ops.attention_reasons(self, q, k, v, causal):
-                return ops.estimator_attention(self, q, k, v, causal, scale=scale)
         s = math.sqrt(scale)
+        params = self._fitted(scale)
+        if q.is_cuda and params is not None:  # the kernels take q, k, v as given: no cast, no copy
+            out = self._fused_attention(q, k, v, params, scale, causal)
+            if out is not None:
+                return out
         qs, ks = self._cast(q) * s, self._cast(k) * s
-        vc = self._cast(v)
-        params = self._params(qs, ks, scale, causal=causal)
+        if params is None:  # fitted on this call's tokens (FAVOR++/FAVOR# at attention time)
+            params = self._params(qs, ks, scale, causal=causal)
+            out = self._fused_attention(q, k, v, params, scale, causal) if q.is_cuda else None
+            if out is not None:
+                return out
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
-        return _linear_attention(Q, K, mk, vc, causal, chunk).to(v.dtype)
-
-
-def _linear_attention(Q, K, mk, v, causal: bool, chunk: int) -> torch.Tensor:
-    """phi(Q) (phi(K)^T v) / phi(Q) (phi(K)^T 1) from stabilised features (``_stable_features``;
-    ``mk`` ``[..., L, 1]``); causal: chunked with the keys' prefix constant."""
-    if causal:
-        return _causal_linear_attention(Q, K, mk.squeeze(-1), v, chunk)
-    kv = K.transpose(-1, -2) @ v  # [..., F, dv]
-    z = K.sum(dim=-2)  # [..., F]
-    return (Q @ kv) / (Q @ z.unsqueeze(-1))
-
-
-def _causal_linear_attention(
-    Q: torch.Tensor, K: torch.Tensor, mk: torch.Tensor, v: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """Chunked causal linear attention with a running key constant.
-
-    Q ``[..., L, F]``; K ``[..., L, F]`` holds exp(lk_s - mk_s) (times factors) where ``mk`` ``[..., L]``
-    is the prefix max of the keys' log-features; v ``[..., L, dv]``. Query t uses the constant
-    mk_t for all keys s <= t: the term of key s is rescaled by exp(mk_s - mk_t) <= 1, so nothing
-    overflows and nothing depends on tokens after t. The carried state is kept relative to the
-    constant at the end of the previous chunk.
-    """
-    L = Q.shape[-2]
-    lead = torch.broadcast_shapes(Q.shape[:-2], K.shape[:-2], v.shape[:-2])
-    F, dv = Q.shape[-1], v.shape[-1]
-    out = torch.empty(*lead, L, dv, dtype=Q.dtype, device=Q.device)
-    S = torch.zeros(*lead, F, dv, dtype=Q.dtype, device=Q.device)
-    z = torch.zeros(*lead, F, dtype=Q.dtype, device=Q.device)
-    c = torch.full(lead, -math.inf, dtype=Q.dtype, device=Q.device)
-    future_full = torch.ones(chunk, chunk, dtype=torch.bool, device=Q.device).triu(1)  # [t, s]: s > t
-    for i in range(0, L, chunk):
-        sl = slice(i, min(i + chunk, L))
-        Qc, Kc, vc, mc = Q[..., sl, :], K[..., sl, :], v[..., sl, :], mk[..., sl]
-        n = mc.shape[-1]
-        decay = torch.exp(c.unsqueeze(-1) - mc)  # [..., n]: state constant -> each query's own
-        num = (Qc @ S) * decay.unsqueeze(-1)
-        den = (Qc @ z.unsqueeze(-1)).squeeze(-1) * decay
-        diff = mc.unsqueeze(-2) - mc.unsqueeze(-1)  # [..., t, s] = mk_s - mk_t
-        future = future_full[:n, :n]
-        A = (Qc @ Kc.transpose(-1, -2)) * torch.exp(diff.masked_fill(future, -math.inf))
-        num = num + A @ vc
-        den = den + A.sum(dim=-1)
-        out[..., sl, :] = num / den.unsqueeze(-1)
-        c_new = mc[..., -1]
-        Kr = Kc * torch.exp(mc - c_new.unsqueeze(-1)).unsqueeze(-1)
-        carry = torch.exp(c - c_new)
-        S = S * carry[..., None, None] + Kr.transpose(-1, -2) @ vc
-        z = z * carry.unsqueeze(-1) + Kr.sum(dim=-2)
-        c = c_new
-    return out
+        return linear_attention(Q, K, mk, self._cast(v), causal, chunk).to(v.dtype)

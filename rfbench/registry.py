@@ -27,6 +27,7 @@ FEATURE_MAPS: dict[str, str] = {
     "dark": "rfbench.features.dark:DARK",
     "darkis": "rfbench.features.dark:DARKIS",
     "darkl": "rfbench.features.dark_learned:DARKLearned",
+    "relu": "rfbench.features.relu:ReLU",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {
@@ -46,6 +47,7 @@ WEIGHT_MATRICES: dict[str, str] = {
     "simrf": "rfbench.weights.simplex:SimRF",
     "simrfplus": "rfbench.weights.simplex:SimRFPlus",
     "fastfoodl": "rfbench.weights.learned:FastFoodL",
+    "antithetic": "rfbench.weights.antithetic:Antithetic",
 }
 
 
@@ -104,7 +106,13 @@ def parse(name: str) -> tuple[str, str]:
 
 
 def pair_reasons(feature: str, weights: str) -> list[str]:
-    """Why ``feature`` cannot be paired with ``weights`` at default parameters (empty: it can)."""
+    """Why ``feature`` cannot be paired with ``weights`` at default parameters (empty: it can).
+
+    The rule reads declared data only (``FeatureMap.supports``): the map's ``weights`` tuple (the
+    only samplers it takes, e.g. ``("iid",)`` for maps that draw their own omegas) and its
+    ``needs_gaussian_rows`` against the sampler's ``gaussian_marginal``. Sizes (m, d) are the
+    sampler's own ``supports(m, d)``, checked when an estimator is built.
+    """
     return get_feature_map(feature).supports(get_weight_matrix(weights))
 
 

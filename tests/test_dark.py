@@ -90,6 +90,34 @@ def test_dark_target_transform_gives_exact_sigma_kernel():
     torch.testing.assert_close(tq @ tk.T, q @ sigma @ k.T, rtol=1e-12, atol=1e-12)
 
 
+def test_declared_target_kernels():
+    """Each DARK map declares what it estimates: exp(q^T Sigma k) with its M (fixed or fitted), or
+    exp(q . k) (DARKIS without a transform, darkl in mode "is")."""
+    d = 5
+    sigma = _spd(d, seed=11)
+    q = torch.randn(2, 3, d, generator=_gen(0), dtype=F64)
+    k = torch.randn(2, 6, d, generator=_gen(1), dtype=F64)
+    fixed = rb.make_estimator("dark-iid", dim=d, num_features=8, dtype=F64, sigma=sigma)
+    tk = fixed.target_kernel
+    assert tk.name == fixed.target == "exp(q^T Sigma k)" and not tk.is_softmax
+    torch.testing.assert_close(tk.log_kernel(q, k), q @ sigma @ k.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+    whitened = rb.make_estimator("dark-iid", dim=d, num_features=8, dtype=F64).fit(q, k)
+    M = whitened.params_["M"]  # [2, d, d], one per leading index
+    want = q @ M.transpose(-1, -2) @ M @ k.transpose(-1, -2)  # (Mq) . (Mk)
+    torch.testing.assert_close(whitened.target_kernel.log_kernel(q, k), want, rtol=1e-10, atol=1e-10)
+    for name, params in (("darkis-iid", {}), ("darkl-iid", {"mode": "is", "init": "proposal"})):
+        est = rb.make_estimator(name, dim=d, num_features=8, dtype=F64, feature_params=params).fit(q, k)
+        assert est.target_kernel.is_softmax and est.target == "softmax"
+        torch.testing.assert_close(est.target_kernel.log_kernel(q, k), q @ k.transpose(-1, -2))
+    aligned = rb.make_estimator("darkl-iid", dim=d, num_features=8, dtype=F64).fit(q, k)
+    Ma = aligned.params_["M"]
+    torch.testing.assert_close(
+        aligned.target_kernel.log_kernel(q, k),
+        (q @ Ma.transpose(-1, -2)) @ (k @ Ma.transpose(-1, -2)).transpose(-1, -2),
+    )
+    assert aligned.trained_ is None and aligned.target == "exp(q^T Sigma k)"
+
+
 def test_dark_with_identity_equals_posrf_same_seed():
     d, m = 6, 32
     q = torch.randn(2, 7, d, generator=_gen(0), dtype=F64) * 0.5

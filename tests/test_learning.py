@@ -1,4 +1,4 @@
-"""Kernel learning (rfbench/learning.py, weights/learned.py, features/dark_learned.py).
+"""Kernel learning (rfbench/learning/, weights/learned.py, features/dark_learned.py).
 
 Quick tests: configs and splits, bad input, determinism, that the learnable pieces start exactly
 where the fixed estimators are, that gradients reach them through the core (gradcheck), the
@@ -20,12 +20,12 @@ from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.features.dark_learned import LEARNED_SIGMA_TARGET
 from rfbench.learning import (
     FitConfig,
-    _Objective,
     fit_estimator,
     parse_fit_section,
     split_tokens,
     target_attention,
 )
+from rfbench.learning.objectives import Objective as _Objective
 from rfbench.weights.base import WeightDraw
 from rfbench.weights.hadamard import FastFood
 from rfbench.weights.learned import LEARNED_TARGET, FastFoodL
@@ -302,7 +302,9 @@ def test_best_step_parameters_are_kept_and_labelled():
         again = float(_Objective(est, "attention", 0.5)(qv, kv, vv))
     assert again == pytest.approx(res.best_val_loss, rel=1e-5)
     assert est.target == res.target == LEARNED_TARGET and est.info()["target"] == LEARNED_TARGET
-    assert not est.info()["unbiased"] and "FastFood-L" in est.info()["notes"]
+    assert not est.info()["unbiased"] and "fastfoodl: S, G, B trained" in est.info()["notes"]
+    assert est.trained_.parts == ("weights",) and est.target_kernel.log_kernel is None
+    assert not hasattr(est.weight_matrix, "fitted_")  # the component itself is not changed
     assert target_attention(est, q, k, v, scale=0.5) is None  # a learned spectral kernel: no closed form
 
 
@@ -319,6 +321,7 @@ def test_darkl_labels_and_own_kernel_reference():
         progress=False,
     )
     assert res.best_step > 0 and est.target == LEARNED_SIGMA_TARGET and est.unbiased
+    assert est.trained_.parts == ("features",) and est.target_kernel.name == LEARNED_SIGMA_TARGET
     M = est.params_["M"]
     s = math.sqrt(0.5)
     expect = exact.attention((q * s) @ M.mT, (k * s) @ M.mT, v, scale=1.0)
@@ -425,6 +428,152 @@ def test_estimator_fit_trains_when_asked():
     assert all(torch.equal(est.params_[key], direct.params_[key]) for key in direct.params_)
     assert est.target == direct.target != "softmax"
     plain = rb.make_estimator("darkl-iid", dim=8, num_features=8, seed=1).fit(q, k, scale=0.5)
-    assert not hasattr(plain, "fit_result_")
+    assert plain.fit_result_ is None and plain.trained_ is None
     assert not all(torch.equal(plain.params_[key], direct.params_[key]) for key in direct.params_)
     assert rb.fit_estimator is fit_estimator and rb.FitConfig is FitConfig
+
+
+# --------------------------------------------------------------------------- layout and protocol
+def test_config_imports_neither_the_trainer_nor_pandas():
+    """A suite parser imports rfbench.learning.config: it adds nothing beyond itself to what
+    ``import rfbench`` already loads (no trainer, pandas, metrics, suite or report)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rfbench; before = set(sys.modules); import rfbench.learning.config; "
+        "new = sorted(set(sys.modules) - before); print(new); "
+        "assert new == ['rfbench.learning', 'rfbench.learning.config'], new; "
+        "assert not any(m in sys.modules for m in "
+        "('pandas', 'rfbench.learning.training', 'rfbench.learning.objectives', 'rfbench.metrics', "
+        "'rfbench.suite', 'rfbench.report')), sorted(sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_learning_never_imports_the_estimator():
+    """The estimator imports learning lazily (fit(train=)); the edge runs one way only."""
+    import ast
+    from pathlib import Path
+
+    import rfbench.learning
+
+    for path in Path(rfbench.learning.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n == "rfbench.estimator" or n.startswith("rfbench.estimator.") for n in names), (
+                path.name,
+                names,
+            )
+
+
+def _reference_split(L, frac, split, n_blocks):
+    """The contiguous-block split written out with tensors, as the docstring states it."""
+    if split == "tail":
+        is_val = torch.arange(L) >= L - round(L * frac)
+    else:
+        n_vb = max(1, round(n_blocks * frac))
+        val_blocks = {int((i + 0.5) * n_blocks / n_vb) for i in range(n_vb)}
+        is_val = torch.tensor([int(b) in val_blocks for b in torch.arange(L) * n_blocks // L])
+    idx = torch.arange(L)
+    return idx[~is_val], idx[is_val]
+
+
+@pytest.mark.parametrize("split", ["tail", "blocks"])
+def test_split_ranges_are_the_contiguous_block_split(split):
+    from rfbench.learning import split_ranges
+
+    for L in (8, 9, 31, 100, 257):
+        for frac in (0.1, 0.2, 0.25, 0.5):
+            for n_blocks in (2, 5, 8):
+                if L < n_blocks:
+                    continue
+                try:
+                    got = split_ranges(L, frac, split=split, n_blocks=n_blocks)
+                except SpecError:
+                    tr, va = _reference_split(L, frac, split, n_blocks)
+                    no_block_left = split == "blocks" and max(1, round(n_blocks * frac)) >= n_blocks
+                    assert tr.numel() == 0 or va.numel() == 0 or no_block_left
+                    continue
+                want = _reference_split(L, frac, split, n_blocks)
+                a, b = got.indices()
+                assert torch.equal(a, want[0]) and torch.equal(b, want[1]), (L, frac, n_blocks)
+                assert got.n_first == a.numel() and got.n_second == b.numel()
+                assert all(s < e for s, e in got.first + got.second)  # ranges, not single tokens
+
+
+def test_a_cell_split_is_computed_once_and_reused():
+    spec = parse_fit_section({"holdout": 0.25, "n_blocks": 4})
+    held = spec.holdout_ranges(96)
+    assert held.second == ((72, 96),) and held.n_first == 72
+    val = spec.validation_ranges(held.n_first, "darkl-iid")
+    q, k, v = _qkv(L=72)
+    a = fit_estimator(
+        rb.make_estimator("darkl-iid", 8, 8, seed=1),
+        q,
+        k,
+        v,
+        spec.config_for("darkl-iid"),
+        scale=0.5,
+        progress=False,
+    )
+    b = fit_estimator(
+        rb.make_estimator("darkl-iid", 8, 8, seed=1),
+        q,
+        k,
+        v,
+        spec.config_for("darkl-iid"),
+        scale=0.5,
+        progress=False,
+        split=val,
+    )
+    assert a.curve.equals(b.curve) and (a.n_train, a.n_val) == (val.n_first, val.n_second)
+    with pytest.raises(DataError, match="TokenSplit"):
+        fit_estimator(
+            rb.make_estimator("darkl-iid", 8, 8),
+            q,
+            k,
+            v,
+            QUICK,
+            scale=0.5,
+            split=spec.validation_ranges(50, "darkl-iid"),
+        )
+
+
+def test_the_trainer_trains_whatever_a_component_declares_learnable():
+    """Not FastFood-L by name: a weight matrix that declares ``learnable`` and the protocol
+    (here its whole W trains) is trained, and only the estimator's state changes."""
+    from rfbench.estimator import Estimator
+    from rfbench.features.positive import PosRF
+    from rfbench.features.target import TargetKernel
+    from rfbench.weights.iid import IID
+
+    class FreeW(IID):
+        name = "freew"
+        learnable = True
+        unbiased = False
+
+        def learnable_draw(self, m, d, *, generator, device=None, dtype=torch.float32):
+            W = self.sample(m, d, generator=generator, device=device, dtype=dtype).W
+            return {"W": W}, lambda t: t["W"]
+
+        def trained_target(self, params=None):
+            return TargetKernel("free W", None)
+
+    q, k, v = _qkv()
+    est = Estimator(PosRF(), FreeW(), dim=8, num_features=8, seed=2)
+    W0 = est.draw_.W.clone()
+    res = fit_estimator(
+        est, q, k, v, dataclasses.replace(QUICK, steps=6, eval_every=1, lr=0.05), scale=0.5, progress=False
+    )
+    assert res.trained and res.best_step > 0 and not res.seed_independent
+    assert (
+        est.trained_.parts == ("weights",) and est.target == "free W" and est.target_kernel.log_kernel is None
+    )
+    assert not torch.equal(est.draw_.W, W0) and "freew: W trained" in est.draw_.notes[-1]
+    assert vars(est.weight_matrix) == vars(FreeW())  # the component is as constructed

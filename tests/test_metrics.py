@@ -1,8 +1,10 @@
 """rfbench.metrics: the streamed metrics equal a direct dense computation at small L (float64).
 
-The dense oracle builds every L x L matrix with ``Estimator.kernel`` and ``torch.softmax``; the
-streamed code never does. Estimators run in float64 so that both sides see the same numbers and
-agreement is to rounding (rtol 1e-9), whatever the tiling.
+The dense oracle builds every L x L matrix from the estimator's public features (or, for PosRF,
+features written out here from the draw), target kernels written out here from the fitted
+parameters, and ``torch.softmax``; the streamed code never does. Estimators run in float64 so
+that both sides see the same numbers and agreement is to rounding (rtol 1e-9), whatever the
+tiling.
 """
 
 from __future__ import annotations
@@ -38,12 +40,21 @@ def _fitted(name, d, m, seeds, q, k, scale, **params):
     return ests
 
 
-def _dense(ests, q, k, scale, rows=None, causal=False):
-    """Every metric straight from the definitions, with whole L x L matrices."""
+def _estimates(ests, qs, ks):
+    """``[S, ..., L, L]``: phi(q) . phi(k) from each estimator's public features."""
+    return torch.stack([e.features(qs, True) @ e.features(ks, False).transpose(-1, -2) for e in ests])
+
+
+def _dense(ests, q, k, scale, rows=None, causal=False, Kh=None, log_target=None):
+    """Every metric straight from the definitions, with whole L x L matrices.
+
+    ``Kh``: the estimates (default ``_estimates``); ``log_target(qs, ks)``: the log of the
+    target kernel, written out by the test (default: DARK's exp((Mq) . (Mk)) from params_["M"]).
+    """
     s = math.sqrt(scale)
     qs, ks = q * s, k * s
     K = torch.exp(qs @ ks.transpose(-1, -2))
-    Kh = torch.stack([e.kernel(qs, ks) for e in ests])  # [S, B, H, L, L]; refits at scale 1 on (qs, ks)
+    Kh = _estimates(ests, qs, ks) if Kh is None else Kh  # [S, B, H, L, L]
     L = q.shape[-2]
     mask = torch.ones(L, L, dtype=torch.bool).tril() if causal else torch.ones(L, L, dtype=torch.bool)
     A = torch.softmax((qs @ ks.transpose(-1, -2)).masked_fill(~mask, -math.inf), dim=-1)
@@ -63,9 +74,15 @@ def _dense(ests, q, k, scale, rows=None, causal=False):
         "mc_variance": Kh.var(0, unbiased=True).mean() if S > 1 else torch.tensor(math.nan),
         "mean_k2": (K * K).mean(),
     }
-    if ests[0].target != "softmax":
-        fm, p = ests[0].feature_map, ests[0].params_ or {}
-        Kt = torch.exp(fm.target_transform(qs, p, True) @ fm.target_transform(ks, p, False).transpose(-1, -2))
+    if log_target is None and "M" in (ests[0].params_ or {}):
+        M = ests[0].params_["M"]
+        sigma = M.transpose(-1, -2) @ M
+
+        def log_target(a, b):
+            return a @ sigma @ b.transpose(-1, -2)
+
+    if log_target is not None:
+        Kt = torch.exp(log_target(qs, ks))
         if rows is not None:
             Kt = Kt[..., rows, :][..., rows]
         out["target_kernel_rel_mse"] = ((Kh - Kt) ** 2).flatten(1).sum(1) / (Kt * Kt).sum()
@@ -124,8 +141,8 @@ def test_target_kernel_of_dark():
     q, k = _data(L=30)
     scale = 1 / math.sqrt(8)
     ests = _fitted("dark-iid", 8, 6, [0, 1, 2], q, k, scale)
-    assert ests[0].target != "softmax"
-    got = M.kernel_errors(ests, q, k, scale=scale, tile=8)
+    assert ests[0].target != "softmax" and ests[0].params_["M"].shape == (2, 3, 8, 8)
+    got = M.kernel_errors(ests, q, k, scale=scale, tile=8, memory_budget=1)  # per head: sliced M
     want = _dense(ests, q, k, scale)
     _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
     _close(got.kernel_rel_mse, want["kernel_rel_mse"])  # the plain columns stay against softmax
@@ -145,7 +162,7 @@ def test_each_estimator_is_scored_against_its_own_kernel():
     ffl = rb.make_estimator("oprf-fastfoodl", 8, 6, seed=3, dtype=F64)
     cfg = FitConfig(steps=2, eval_every=1, batch_tokens=16, objective="kernel")
     fit_estimator(ffl, q, k, None, cfg, scale=scale, progress=False)
-    assert ffl.weight_matrix.fitted_ and ffl.target != "softmax"
+    assert ffl.trained_.parts == ("weights",) and ffl.target_kernel.log_kernel is None
     got = M.kernel_errors([a, b, plain, ffl], q, k, scale=scale, tile=8)
     for i, est in ((0, a), (1, b)):
         alone = M.kernel_errors([est], q, k, scale=scale, tile=8).target_kernel_rel_mse[0]
@@ -204,3 +221,128 @@ def test_relative_error_and_sample_rows():
     assert M.sample_rows(10, None) is None and M.sample_rows(10, 10) is None
     assert torch.equal(M.sample_rows(100, 7, seed=3), M.sample_rows(100, 7, seed=3))
     assert not torch.equal(M.sample_rows(100, 7, seed=3), M.sample_rows(100, 7, seed=4))
+
+
+def test_posrf_against_features_written_out_from_the_draw():
+    """PosRF features exp(w . x - |x|^2 / 2) / sqrt(m) (Performer, Choromanski et al. 2021, Lemma 1)
+    from the draw alone: the metrics reproduce the estimate without the estimator's feature code."""
+    q, k = _data(B=1, H=2, L=29)
+    scale = 0.4
+    ests = _fitted("posrf-iid", 8, 7, [0, 1, 2], q, k, scale)
+    s = math.sqrt(scale)
+
+    def phi(e, x):
+        W = e.draw_.W.to(F64)
+        return torch.exp(x @ W.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(W.shape[0])
+
+    Kh = torch.stack([phi(e, q * s) @ phi(e, k * s).transpose(-1, -2) for e in ests])
+    for causal in (False, True):
+        got = M.kernel_errors(ests, q, k, scale=scale, causal=causal, tile=6, chunk=5)
+        want = _dense(ests, q, k, scale, causal=causal, Kh=Kh)
+        for key in ("kernel_mse", "kernel_rel_mse", "attn_mse"):
+            _close(getattr(got, key), want[key])
+        _close(got.bias2, want["bias2"])
+        _close(got.mc_variance, want["mc_variance"])
+
+
+def test_a_declared_target_kernel_is_used_as_declared():
+    """The target column uses ``est.target_kernel.log_kernel`` on pair tiles, whatever its form:
+    here a kernel that is not exp(T q . T k) for the same T on both sides (exp(2 q . k + |k|^2))."""
+    from rfbench.estimator import Estimator
+    from rfbench.features.target import TargetKernel
+
+    def log_k(a, b):
+        return 2 * a @ b.transpose(-1, -2) + (b * b).sum(-1).unsqueeze(-2)
+
+    class Other(Estimator):
+        target_kernel = property(lambda self: TargetKernel("other", log_k))
+
+    q, k = _data(B=1, H=2, L=21)
+    plain = _fitted("posrf-iid", 8, 6, [0, 1], q, k, 0.5)
+    ests = [
+        Other(e.feature_map, e.weight_matrix, dim=8, num_features=6, seed=e.seed, dtype=F64) for e in plain
+    ]
+    got = M.kernel_errors(ests, q, k, scale=0.5, tile=8)
+    want = _dense(ests, q, k, 0.5, log_target=log_k)
+    _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
+    _close(got.kernel_rel_mse, want["kernel_rel_mse"])
+
+
+def test_a_trained_darkl_is_measured_against_its_learned_kernel():
+    from rfbench.learning import FitConfig, fit_estimator
+
+    q, k = _data(B=1, H=2, L=64)
+    v = torch.randn(1, 2, 64, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    scale = 1 / math.sqrt(8)
+    est = rb.make_estimator("darkl-iid", 8, 16, seed=0, dtype=F64, init="identity")
+    cfg = FitConfig(steps=12, eval_every=1, patience=0, lr=0.05, val_draws=2)
+    res = fit_estimator(est, q, k, v, cfg, scale=scale, progress=False)
+    assert res.best_step > 0 and est.trained_.parts == ("features",)
+    got = M.kernel_errors([est], q, k, scale=scale, tile=8)
+    want = _dense([est], q, k, scale)  # exp(q^T M^T M k) from the trained M
+    _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
+
+
+def test_metrics_fit_nothing():
+    """A data-dependent estimator not fitted at the scale measured is refused, not refitted."""
+    q, k = _data(B=1, H=1, L=16)
+    est = rb.make_estimator("oprf-orf", 8, 4, dtype=F64)
+    with pytest.raises(rb.EstimatorError, match=r"not fitted; call est\.fit\(q, k, scale=0\.5\)"):
+        M.kernel_errors([est], q, k, scale=0.5)
+    est.fit(q, k, scale=1.0)
+    A = est.params_["A"].clone()
+    with pytest.raises(rb.EstimatorError, match=r"fitted at scale=1.*est\.fit\(q, k, scale=0\.5\)"):
+        M.kernel_errors([est], q, k, scale=0.5)
+    M.kernel_errors([est], q, k, scale=1.0)
+    assert torch.equal(est.params_["A"], A) and est.fit_scale_ == 1.0
+    M.kernel_errors([rb.make_estimator("posrf-iid", 8, 4, dtype=F64)], q, k, scale=0.5)  # nothing to fit
+
+
+def test_all_zero_feature_rows_give_zeros_not_nan():
+    """A row whose features are all zero (log -inf) gets the stabiliser constant 0: its estimates
+    are 0, and the metrics stay finite and equal to the dense computation."""
+    q, k = _data(B=1, H=1, L=14)
+    est = _fitted("posrf-iid", 8, 5, [0], q, k, 1.0)[0]
+    dead = {True: 3, False: 6}  # query row 3 and key row 6 have no features
+
+    def log_features(x, params, is_query, _orig=est.log_features):
+        log_mag, factor = _orig(x, params, is_query)
+        if x.shape[-2] == 14 and dead[is_query] is not None:  # whole sequences (tile = chunk = L)
+            return log_mag.index_fill(-2, torch.tensor([dead[is_query]]), -math.inf), factor
+        return log_mag, factor
+
+    def features(x, is_query):
+        log_mag, _ = log_features(x, {}, is_query)
+        return torch.exp(log_mag)
+
+    est.log_features, est.features = log_features, features
+    got = M.kernel_errors([est], q, k, tile=14, chunk=14, attention_matrix=False)
+    want = _dense([est], q, k, 1.0)
+    assert (want["kernel_mse"] > 0).all()
+    _close(got.kernel_mse, want["kernel_mse"])
+    dead[True] = None  # a dead key only: attention rows stay normalisable
+    got = M.kernel_errors([est], q, k, tile=14, chunk=14)
+    assert all(math.isfinite(x) for x in got.attn_mse + got.kernel_mse)
+    _close(got.attn_mse, _dense([est], q, k, 1.0)["attn_mse"])
+
+
+def test_relu_features_are_measured_against_the_arc_cosine_kernel():
+    """A map whose target is not exponential: ReLU features against the arc-cosine kernel of
+    order 1, k(x, y) = |x| |y| (sin t + (pi - t) cos t) / pi (Cho & Saul, NeurIPS 2009, eq. 6),
+    written out here; the plain columns stay against exp(q . k)."""
+    q, k = _data(B=1, H=2, L=30)
+    ests = [rb.make_estimator("relu-iid", 8, 64, seed=s, dtype=F64) for s in range(3)]
+    assert not ests[0].target_kernel.is_softmax
+
+    def log_arccos(a, b):
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True).transpose(-1, -2)
+        cos = ((a @ b.transpose(-1, -2)) / (na * nb)).clamp(-1, 1)
+        t = torch.arccos(cos)
+        return torch.log(na * nb * (torch.sin(t) + (math.pi - t) * cos) / math.pi)
+
+    for causal in (False, True):
+        got = M.kernel_errors(ests, q, k, scale=0.5, causal=causal, tile=8, chunk=11)
+        want = _dense(ests, q, k, 0.5, causal=causal, log_target=log_arccos)
+        _close(got.target_kernel_rel_mse, want["target_kernel_rel_mse"])
+        for key in ("kernel_rel_mse", "attn_mse"):
+            _close(getattr(got, key), want[key])

@@ -13,7 +13,6 @@ import torch
 
 import rfbench as rb
 from rfbench.ops.features.naive import naive_features
-from rfbench.ops.params import from_estimator
 from rfbench.ops.testing import FEATURE_TOL, assert_close
 
 pytest.importorskip("triton")
@@ -60,13 +59,13 @@ def _grid_params():
 @pytest.mark.parametrize("case,dtype", _grid_params())
 def test_features_match_reference(case, dtype):
     name, fparams, d, m, L, block_f = GRID[case]
-    fp = from_estimator(_make(name, fparams, d, m), {}, d**-0.5).to(device=DEV)
+    form = _make(name, fparams, d, m).form({}, d**-0.5).to(device=DEV)
     x = _inputs((2, L, d), dtype, seed=case)
     # Every stabiliser on every dtype across the grid, one per (case, dtype): rotated.
     stabiliser = STABILISERS[(case + DTYPES.index(dtype)) % len(STABILISERS)]
-    phi, c = fused_features(x, fp, stabiliser, block_f=block_f)
-    phi0, c0 = naive_features(x, fp, stabiliser)
-    assert phi.shape == (2, L, fp.feature_dim) and c.shape == (2, L, 1)
+    phi, c = fused_features(x, form, stabiliser, block_f=block_f)
+    phi0, c0 = naive_features(x, form, stabiliser)
+    assert phi.shape == (2, L, form.feature_dim) and c.shape == (2, L, 1)
     # The true scale is what the map means; the constants are checked on their own as well.
     assert_close(f"features/{stabiliser}", phi0 * torch.exp(c0), phi * torch.exp(c), FEATURE_TOL[dtype])
     torch.testing.assert_close(c, c0, rtol=0, atol=50 * FEATURE_TOL[dtype])
@@ -74,11 +73,11 @@ def test_features_match_reference(case, dtype):
 
 
 def test_all_stabilisers_and_half_precision_storage():
-    fp = from_estimator(_make("hyprf-iid", {}, 32, 20), {}, 32**-0.5).to(device=DEV)
+    form = _make("hyprf-iid", {}, 32, 20).form({}, 32**-0.5).to(device=DEV)
     x = _inputs((3, 45, 32), torch.float32, seed=9)
     for stabiliser in STABILISERS:
-        phi, c = fused_features(x, fp, stabiliser, out_dtype=torch.bfloat16, block_l=16)
-        phi0, c0 = naive_features(x, fp, stabiliser)
+        phi, c = fused_features(x, form, stabiliser, out_dtype=torch.bfloat16, block_l=16)
+        phi0, c0 = naive_features(x, form, stabiliser)
         assert phi.dtype == torch.bfloat16
         torch.testing.assert_close(c, c0, rtol=0, atol=1e-5)
         # Storage rounds each feature to 8 bits: relative RMS <= 2^-9 (round to nearest).
@@ -86,12 +85,12 @@ def test_all_stabilisers_and_half_precision_storage():
 
 
 def test_prefix_constants_ignore_later_rows():
-    fp = from_estimator(_make("posrf-iid", {}, 16, 16), {}, 0.25).to(device=DEV)
+    form = _make("posrf-iid", {}, 16, 16).form({}, 0.25).to(device=DEV)
     x = _inputs((1, 40, 16), torch.float32, seed=3)
     x2 = x.clone()
     x2[:, 25:] *= 30  # huge later rows: their log-features dwarf every earlier one
-    phi, c = fused_features(x, fp, "prefix", block_l=16)
-    phi2, c2 = fused_features(x2, fp, "prefix", block_l=16)
+    phi, c = fused_features(x, form, "prefix", block_l=16)
+    phi2, c2 = fused_features(x2, form, "prefix", block_l=16)
     assert torch.equal(c[:, :25], c2[:, :25]) and torch.equal(phi[:, :25], phi2[:, :25])
 
 
@@ -99,18 +98,18 @@ def test_per_head_parameters_broadcast():
     """OPRF's A* is fitted per (batch, head): W and bias carry leading dims."""
     est = _make("oprf-iid", {}, 16, 24)
     q, k = _inputs((2, 3, 21, 16), torch.float32, seed=1), _inputs((2, 3, 21, 16), torch.float32, seed=2)
-    fp = from_estimator(est, est.feature_map.fit_params(q.cpu() * 0.5, k.cpu() * 0.5), 0.25).to(device=DEV)
-    assert fp.W.shape[:2] == (2, 3)
-    phi, c = fused_features(q, fp, "row")
-    phi0, c0 = naive_features(q, fp, "row")
+    form = est.form(est.feature_map.fit_params(q.cpu() * 0.5, k.cpu() * 0.5), 0.25).to(device=DEV)
+    assert form.W.shape[:2] == (2, 3)
+    phi, c = fused_features(q, form, "row")
+    phi0, c0 = naive_features(q, form, "row")
     assert_close("per-head features", phi0 * torch.exp(c0), phi * torch.exp(c), FEATURE_TOL[torch.float32])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_features_match_reference_gpu_size(dtype):
-    fp = from_estimator(_make("posrf-orf", {}, 64, 256), {}, 64**-0.5).to(device="cuda")
+    form = _make("posrf-orf", {}, 64, 256).form({}, 64**-0.5).to(device="cuda")
     x = _inputs((8, 4099, 64), dtype, seed=11)
-    phi, c = fused_features(x, fp, "shared")
-    phi0, c0 = naive_features(x, fp, "shared")
+    phi, c = fused_features(x, form, "shared")
+    phi0, c0 = naive_features(x, form, "shared")
     assert_close("features gpu", phi0 * torch.exp(c0), phi * torch.exp(c), FEATURE_TOL[dtype])

@@ -13,7 +13,6 @@ import torch
 import rfbench as rb
 from rfbench import ops
 from rfbench.ops.kernel_error.naive import naive_kernel_error
-from rfbench.ops.params import from_estimator
 from rfbench.ops.testing import KERNEL_ERROR_TOL
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +35,7 @@ def test_dense_reference_matches_estimator_kernel_and_exact():
     est = rb.make_estimator("posrf-orf", dim=8, num_features=16, seed=2, dtype=F64)
     q, k = _x(2, 13, 8, seed=1).double(), _x(2, 17, 8, seed=2).double()
     exact, approx = rb.exact.kernel(q, k), est.kernel(q, k)
-    sums = naive_kernel_error(q, k, from_estimator(est), dtype=F64)
+    sums = naive_kernel_error(q, k, est.form({}), dtype=F64)
     torch.testing.assert_close(sums.sse, ((exact - approx) ** 2).sum(dim=(-2, -1)))
     torch.testing.assert_close(sums.sum_exact2, (exact**2).sum(dim=(-2, -1)))
     torch.testing.assert_close(sums.sum_rel2, (((exact - approx) / exact) ** 2).sum(dim=(-2, -1)))
@@ -46,20 +45,33 @@ def test_dense_reference_matches_estimator_kernel_and_exact():
 
 @pytest.mark.parametrize("tile", [1, 5, 64])
 def test_tiled_torch_path_equals_dense(tile):
-    fp = from_estimator(rb.make_estimator("hyprf-iid", dim=16, num_features=24, seed=1))
+    form = rb.make_estimator("hyprf-iid", dim=16, num_features=24, seed=1).form({})
     q, k = _x(3, 21, 16, seed=3), _x(3, 29, 16, seed=4)
-    _close(naive_kernel_error(q, k, fp, tile=tile), naive_kernel_error(q, k, fp), 1e-5)
+    _close(naive_kernel_error(q, k, form, tile=tile), naive_kernel_error(q, k, form), 1e-5)
 
 
-def test_target_transform_for_the_dark_kernel():
-    """DARK estimates exp((Mq) . (Mk)): the error is taken against that target, not exp(q . k)."""
+def test_target_inputs_for_the_dark_kernel():
+    """DARK estimates exp((Mq) . (Mk)): given those inputs, the error is taken against that target."""
     A = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
     M = torch.eye(8, dtype=F64) + 0.3 * A
     est = rb.make_estimator("dark-iid", dim=8, num_features=32, seed=0, dtype=F64, feature_params={"M": M})
     q, k = _x(12, 8, seed=5).double(), _x(15, 8, seed=6).double()
-    sums = ops.estimator_kernel_error(est, q, k)
-    target = rb.exact.kernel(q @ M.T, k @ M.T)
+    sums = ops.kernel_error(q, k, est.form({}), q @ M.T, k @ M.T)
+    target = torch.exp((q @ M.T) @ (k @ M.T).T)
+    torch.testing.assert_close(est.target_kernel.log_kernel(q, k).exp(), target)
     torch.testing.assert_close(sums.sse, ((target - est.kernel(q, k)) ** 2).sum())
+
+
+def test_signed_forms_on_the_torch_path():
+    """A sparse grid's negative row weights: signed estimates, against the dense kernel."""
+    est = rb.make_estimator("posrf-sgq", dim=4, num_features=16, seed=0, dtype=F64)
+    form = est.form({})
+    q, k = _x(9, 4, seed=1).double(), _x(7, 4, seed=2).double()
+    assert form.signed  # this grid (d = 4, m = 16) has negative weights
+    sums = naive_kernel_error(q, k, form, dtype=F64)
+    exact, approx = rb.exact.kernel(q, k), est.kernel(q, k)
+    torch.testing.assert_close(sums.sse, ((exact - approx) ** 2).sum())
+    torch.testing.assert_close(sums.sum_rel2, (((exact - approx) / exact) ** 2).sum())
 
 
 @pytest.mark.triton
@@ -78,11 +90,11 @@ def test_fused_kernel_error_matches_dense(name, d, m, Lq, Lk, lead):
 
     fparams = {"M": torch.eye(d) * 0.9} if name.startswith("dark") else {}
     est = rb.make_estimator(name, dim=d, num_features=m, seed=4, feature_params=fparams)
-    fp = from_estimator(est, {}, d**-0.5).to(device=DEV)
+    form = est.form({}, d**-0.5).to(device=DEV)
     q, k = _x(*lead, Lq, d, seed=7, scale=1.0).to(DEV), _x(*lead, Lk, d, seed=8, scale=1.0).to(DEV)
     tq, tk = q * d**-0.25, k * d**-0.25  # the target of the scaled map: exp(q . k / sqrt(d))
-    out = fused_kernel_error(q, k, fp, tq, tk, block_q=32, block_k=16, precision="ieee")
-    _close(out, naive_kernel_error(q, k, fp, tq, tk), KERNEL_ERROR_TOL["ieee"])
+    out = fused_kernel_error(q, k, form, tq, tk, block_q=32, block_k=16, precision="ieee")
+    _close(out, naive_kernel_error(q, k, form, tq, tk), KERNEL_ERROR_TOL["ieee"])
 
 
 @pytest.mark.triton
@@ -93,11 +105,12 @@ def test_fused_kernel_error_groups_and_per_head_params():
 
     est = rb.make_estimator("oprf-iid", dim=16, num_features=20, seed=1)
     q, k = _x(2, 2, 19, 16, seed=9), _x(2, 2, 23, 16, seed=10)
-    fp = from_estimator(est, est.feature_map.fit_params(q, k)).to(device=DEV)
+    form = est.form(est.feature_map.fit_params(q, k)).to(device=DEV)
     q, k = q.to(DEV), k.to(DEV)
-    ref = naive_kernel_error(q, k, fp)
-    _close(fused_kernel_error(q, k, fp, max_feature_bytes=1, precision="ieee"), ref, KERNEL_ERROR_TOL["ieee"])
-    _close(ops.kernel_error(q, k, fp, backend="triton", precision="ieee"), ref, KERNEL_ERROR_TOL["ieee"])
+    ref = naive_kernel_error(q, k, form)
+    tiny = fused_kernel_error(q, k, form, max_feature_bytes=1, precision="ieee")
+    _close(tiny, ref, KERNEL_ERROR_TOL["ieee"])
+    _close(ops.kernel_error(q, k, form, backend="triton", precision="ieee"), ref, KERNEL_ERROR_TOL["ieee"])
 
 
 @pytest.mark.gpu
@@ -106,8 +119,8 @@ def test_fused_kernel_error_gpu_size(precision):
     from rfbench.ops.kernel_error.fused import fused_kernel_error
 
     est = rb.make_estimator("posrf-orf", dim=64, num_features=256, seed=0)
-    fp = from_estimator(est, {}, 64**-0.5).to(device="cuda")
+    form = est.form({}, 64**-0.5).to(device="cuda")
     q, k = _x(1, 8, 2049, 64, seed=1, scale=1.0).cuda(), _x(1, 8, 2051, 64, seed=2, scale=1.0).cuda()
     tq, tk = q * 64**-0.25, k * 64**-0.25
-    out = fused_kernel_error(q, k, fp, tq, tk, precision=precision)
-    _close(out, naive_kernel_error(q, k, fp, tq, tk, tile=512), KERNEL_ERROR_TOL[precision])
+    out = fused_kernel_error(q, k, form, tq, tk, precision=precision)
+    _close(out, naive_kernel_error(q, k, form, tq, tk, tile=512), KERNEL_ERROR_TOL[precision])

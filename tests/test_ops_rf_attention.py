@@ -14,7 +14,6 @@ import torch
 
 import rfbench as rb
 from rfbench import ops
-from rfbench.ops.params import from_estimator
 from rfbench.ops.rf_attention.naive import naive_rf_attention
 from rfbench.ops.testing import ATTENTION_TOL, assert_close
 
@@ -66,27 +65,28 @@ def _qkv(lead, Lq, Lk, d, dv, dtype, seed=0):
 @pytest.mark.parametrize("case,dtype", _grid_params())
 def test_attention_matches_reference(case, dtype, causal):
     name, fparams, lead, L, d, dv, m, block_t, splits, block_f = GRID[case]
-    fp = from_estimator(_make(name, fparams, d, m), {}, d**-0.5).to(device=DEV)
+    form = _make(name, fparams, d, m).form({}, d**-0.5).to(device=DEV)
     q, k, v = _qkv(lead, L, L, d, dv, dtype, seed=case)
-    out = fused_rf_attention(q, k, v, fp, causal, block_t=block_t, splits=splits, block_f=block_f)
+    out = fused_rf_attention(q, k, v, form, causal, block_t=block_t, splits=splits, block_f=block_f)
     assert out.dtype == dtype and out.shape == (*lead, L, dv)
-    ref = naive_rf_attention(q, k, v, fp, causal)
+    ref = naive_rf_attention(q, k, v, form, causal)
     assert_close(f"attention causal={causal}", ref, out.float(), ATTENTION_TOL[dtype])
 
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_more_queries_than_keys_and_broadcast_heads(splits):
     """Non-causal Lq != Lk; k, v shared by every head (leading dims broadcast)."""
-    fp = from_estimator(_make("hyprf-iid", {}, 32, 24), {}, 32**-0.5).to(device=DEV)
+    form = _make("hyprf-iid", {}, 32, 24).form({}, 32**-0.5).to(device=DEV)
     q, _, _ = _qkv((2, 3), 45, 1, 32, 8, torch.float32, seed=1)
     _, k, v = _qkv((1, 1), 1, 71, 32, 8, torch.float32, seed=2)
-    out = fused_rf_attention(q, k, v, fp, block_t=16, splits=splits)
-    assert_close("Lq != Lk", naive_rf_attention(q, k, v, fp), out, ATTENTION_TOL[torch.float32])
+    out = fused_rf_attention(q, k, v, form, block_t=16, splits=splits)
+    assert_close("Lq != Lk", naive_rf_attention(q, k, v, form), out, ATTENTION_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_per_head_parameters_and_the_estimator(causal):
-    """OPRF (A* per head) and DARK (M per head) through ``estimator_attention`` vs Estimator's torch path."""
+    """OPRF (A* per head) and DARK (M per head): the form the Estimator builds, on the kernels (as
+    ``Estimator.attention`` runs them on CUDA), vs the Estimator's torch path."""
     for name in ("oprf-iid", "dark-iid"):
         est = _make(name, {}, 16, 20)
         q, k, v = _qkv((2, 2), 26, 26, 16, 16, torch.float32, seed=3)
@@ -96,41 +96,39 @@ def test_per_head_parameters_and_the_estimator(causal):
         else:
             params = est.feature_map.fit_params(q.cpu() * 0.5, k.cpu() * 0.5)
         ref = est.attention(q.cpu(), k.cpu(), v.cpu(), causal)
-        fp = from_estimator(est, est.params_ if causal else params, 16**-0.5)
-        assert fp.W.ndim == 4  # per (batch, head)
-        est_dev = est if DEV == "cpu" else None
-        out = fused_rf_attention(q, k, v, fp.to(device=DEV), causal, block_t=16)
+        form = est.form(est.params_ if causal else params, 16**-0.5)
+        assert form.W.ndim == 4  # per (batch, head)
+        out = fused_rf_attention(q, k, v, form.to(device=DEV), causal, block_t=16)
         assert_close(f"{name} causal={causal}", ref, out.cpu(), 1e-5)
-        if est_dev is not None:  # the glue Estimator.attention uses on CUDA, called directly here
-            glue = ops.estimator_attention(est, q, k, v, causal)
-            assert_close(f"{name} glue", ref, glue, 1e-5)
+        dispatched = ops.rf_attention(q, k, v, form.to(device=DEV), causal, backend="triton")
+        assert_close(f"{name} ops.rf_attention", ref, dispatched.cpu(), 1e-5)
 
 
 @pytest.mark.parametrize("t", [9, 15, 16, 30])  # mid-chunk, chunk end, chunk start, last chunk
 def test_causal_outputs_ignore_future_tokens(t):
     """Outputs 0..t are bit-identical when every token after t changes, including a key of huge norm."""
-    fp = from_estimator(_make("posrf-iid", {}, 16, 24), {}, 0.25).to(device=DEV)
+    form = _make("posrf-iid", {}, 16, 24).form({}, 0.25).to(device=DEV)
     q, k, v = _qkv((1,), 40, 40, 16, 16, torch.float32, seed=4)
-    out = fused_rf_attention(q, k, v, fp, causal=True, block_t=16)
+    out = fused_rf_attention(q, k, v, form, causal=True, block_t=16)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     g = torch.Generator().manual_seed(7)
     q2[..., t + 1:, :] = torch.randn(q2[..., t + 1:, :].shape, generator=g).to(DEV)
     k2[..., t + 1:, :] = torch.randn(k2[..., t + 1:, :].shape, generator=g).to(DEV)
     v2[..., t + 1:, :] = 1e3 * torch.randn(v2[..., t + 1:, :].shape, generator=g).to(DEV)
     k2[..., t + 1, :] *= 1e3  # log-features ~ 1e3 * |w| |k|: exp() overflows if it leaked anywhere
-    out2 = fused_rf_attention(q2, k2, v2, fp, causal=True, block_t=16)
+    out2 = fused_rf_attention(q2, k2, v2, form, causal=True, block_t=16)
     assert bool(torch.isfinite(out2[..., : t + 1, :]).all())
     assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
 
 
 def test_huge_past_key_stays_finite_and_exact():
     """A past key far above the others only moves the (prefix) constants; nothing overflows."""
-    fp = from_estimator(_make("hyprf-iid", {}, 16, 16), {}, 0.25).to(device=DEV)
+    form = _make("hyprf-iid", {}, 16, 16).form({}, 0.25).to(device=DEV)
     q, k, v = _qkv((1,), 34, 34, 16, 16, torch.float32, seed=5)
     k[:, 3] *= 8.0
     for causal in (False, True):
-        out = fused_rf_attention(q, k, v, fp, causal, block_t=16, splits=2)
-        ref = naive_rf_attention(q.double(), k.double(), v.double(), fp, causal, dtype=torch.float64)
+        out = fused_rf_attention(q, k, v, form, causal, block_t=16, splits=2)
+        ref = naive_rf_attention(q.double(), k.double(), v.double(), form, causal, dtype=torch.float64)
         assert_close(f"huge key causal={causal}", ref, out, 1e-4)
 
 
@@ -139,10 +137,10 @@ def test_huge_past_key_stays_finite_and_exact():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_matches_reference_gpu_size(causal, dtype):
     """The benchmark's shape family (d=64, m=256) at a length with many chunks and splits."""
-    fp = from_estimator(_make("posrf-orf", {}, 64, 256), {}, 64**-0.5).to(device="cuda")
+    form = _make("posrf-orf", {}, 64, 256).form({}, 64**-0.5).to(device="cuda")
     q, k, v = _qkv((1, 8), 4099, 4099, 64, 64, dtype, seed=6)
-    out = fused_rf_attention(q, k, v, fp, causal)
-    ref = ops.torch_rf_attention(q, k, v, fp, causal)
+    out = fused_rf_attention(q, k, v, form, causal)
+    ref = ops.torch_rf_attention(q, k, v, form, causal)
     assert_close(f"gpu causal={causal}", ref, out.float(), ATTENTION_TOL[dtype])
 
 
@@ -150,7 +148,7 @@ def test_attention_matches_reference_gpu_size(causal, dtype):
 def test_estimator_attention_dispatches_on_cuda(monkeypatch):
     est = rb.make_estimator("posrf-orf", dim=64, num_features=256, device="cuda")
     q, k, v = _qkv((1, 4), 1000, 1000, 64, 64, torch.bfloat16, seed=8)
-    assert ops.attention_reasons(est, q, k, v) == []
+    assert est.fused_reasons(q, k, v, est.form({}, 64**-0.5)) == []
     out = est.attention(q, k, v)
     monkeypatch.setenv("RFBENCH_DISABLE_TRITON", "1")
     ref = est.attention(q, k, v)  # the torch path now
@@ -159,9 +157,9 @@ def test_estimator_attention_dispatches_on_cuda(monkeypatch):
 
 def test_every_buffer_is_written_before_it_is_read(monkeypatch):
     """As fla's conftest: torch.empty filled with NaN; a kernel reading an unwritten element shows it."""
-    fp = from_estimator(_make("hyprf-iid", {}, 16, 20), {}, 0.25).to(device=DEV)
+    form = _make("hyprf-iid", {}, 16, 20).form({}, 0.25).to(device=DEV)
     q, k, v = _qkv((2,), 37, 37, 16, 24, torch.bfloat16, seed=6)
-    refs = {causal: fused_rf_attention(q, k, v, fp, causal, block_t=16, splits=3) for causal in (False, True)}
+    refs = {c: fused_rf_attention(q, k, v, form, c, block_t=16, splits=3) for c in (False, True)}
     empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -170,5 +168,5 @@ def test_every_buffer_is_written_before_it_is_read(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     for causal in (False, True):
-        out = fused_rf_attention(q, k, v, fp, causal, block_t=16, splits=3)
+        out = fused_rf_attention(q, k, v, form, causal, block_t=16, splits=3)
         assert torch.equal(out, refs[causal])

@@ -89,7 +89,7 @@ def test_metadata(name):
         # gaussian_marginal means "Gaussian feature maps may use it"; unbiased says whether they stay so.
         assert cls.gaussian_marginal is True
         assert cls.unbiased is (name in EXACT_GAUSSIAN)
-        assert cls.coupled is (name not in ("iid", "gq", "sgq"))  # gq, sgq: i.i.d. draws from a rule
+        assert cls.independent_rows is (name in ("iid", "gq", "sgq"))  # gq, sgq: i.i.d. draws from a rule
 
 
 SHAPES = [(3, 8), (8, 8), (20, 8), (100, 24), (1, 1), (5, 2), (130, 64), (7, 3)]

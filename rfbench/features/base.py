@@ -12,6 +12,11 @@ Contract: for one omega, sum over its ``per_omega`` features of f1(x) * f2(y) is
 one-sample estimate of the target kernel (the map includes its own 1/2 for antithetic pairs).
 The 1/m average (or the quadrature row weights) is applied by the Estimator, not here.
 
+Exponential maps state their math once, as ``exp_form(draw, params, d) -> ExpForm`` (log-features
+affine in a projection of x plus a norm term, ``rfbench/ops/form.py``); ``log_features`` is then
+derived from it here, and the fused kernels and metrics consume the same form. Other maps
+(trigonometric, discrete) return None and implement ``log_features`` themselves.
+
 Data-dependent parameters (OPRF's A*, SADERF's Psi*, DARK's Sigma) are computed by
 ``fit_params(q, k)`` as a dict of tensors whose leading dims match the data's ``[...]`` (with
 the L and d axes reduced), and passed back into ``log_features``.
@@ -24,13 +29,21 @@ from typing import ClassVar
 import torch
 
 from rfbench.errors import EstimatorError
+from rfbench.features.target import SOFTMAX, TargetKernel
+from rfbench.ops.features.naive import log_features as form_log_features
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw, WeightMatrix
 
 Params = dict[str, torch.Tensor]
 
 
 class FeatureMap:
-    """Base class of feature maps. Constructors only store (validated) keyword parameters."""
+    """Base class of feature maps. Constructors only store (validated) keyword parameters; an
+    instance never changes after construction (fitted and trained state lives on the Estimator).
+
+    Capabilities are the class attributes below (a subclass may settle one in ``_validate`` from
+    its parameters, e.g. DARK is data-dependent only without a fixed M).
+    """
 
     name: ClassVar[str] = ""
     #: Output features per random vector (2 for TrigRF and hyperbolic maps).
@@ -41,9 +54,13 @@ class FeatureMap:
     unbiased: ClassVar[bool] = True
     #: True when ``fit_params`` depends on the data.
     data_dependent: ClassVar[bool] = False
+    #: True when every tensor of ``fit_params`` is a trainable parameter (rfbench.learning trains them).
+    learnable: ClassVar[bool] = False
     #: True when the map only works with weight samplers whose rows are N(0, I) marginally.
     needs_gaussian_rows: ClassVar[bool] = True
-    #: The kernel this map estimates: "softmax" (exp(x . y)) or a description of another one.
+    #: Names of the only weight matrices this map accepts (None: any that meets the row requirement).
+    weights: ClassVar[tuple[str, ...] | None] = None
+    #: Name of the kernel this map estimates (``target_kernel`` gives the kernel itself).
     target: ClassVar[str] = "softmax"
     description: ClassVar[str] = ""
     reference: ClassVar[str] = ""
@@ -64,9 +81,14 @@ class FeatureMap:
 
     def supports(self, weights: WeightMatrix) -> list[str]:
         """Reasons this map cannot be paired with ``weights``; empty when it can."""
+        if self.weights is not None and weights.name not in self.weights:
+            return [self._weights_reason(weights)]
         if self.needs_gaussian_rows and not weights.gaussian_marginal:
             return [f"{self.name} needs rows with N(0, I) marginals, which {weights.name} does not give"]
         return []
+
+    def _weights_reason(self, weights: WeightMatrix) -> str:
+        return f"{self.name} pairs only with {', '.join(self.weights)}, not {weights.name}"
 
     def draw(self, weights: WeightMatrix, m: int, d: int, *, generator, device, dtype) -> WeightDraw:
         """Draw the random vectors this map uses. Maps with their own distribution override."""
@@ -76,14 +98,31 @@ class FeatureMap:
         """Data-dependent parameters from queries ``[..., Lq, d]`` and keys ``[..., Lk, d]``."""
         return {}
 
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm | None:
+        """The affine log-feature form of an exponential map, before the 1/m average and row weights
+        (the Estimator folds those in, once); None for maps that are not exponential."""
+        return None
+
     def log_features(
         self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(log_mag, factor)``, each ``[..., L, m * per_omega]`` (factor may be None)."""
-        raise NotImplementedError
+        """Return ``(log_mag, factor)``, each ``[..., L, m * per_omega]`` (factor may be None).
+
+        Derived from ``exp_form`` for exponential maps; other maps override it.
+        """
+        form = self.exp_form(draw, params, x.shape[-1])
+        if form is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither exp_form nor log_features")
+        return form_log_features(x, form), None
+
+    def target_kernel(self, params: Params) -> TargetKernel:
+        """The kernel phi(q) . phi(k) estimates, at fitted ``params``; SOFTMAX unless a map says otherwise."""
+        return SOFTMAX
 
     def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
-        """Map x so that the target kernel is exp(T(q) . T(k)); identity for the softmax kernel."""
+        """Map x so that the target kernel is exp(T(q) . T(k)); identity for the softmax kernel.
+
+        Kept for the transition of callers to ``target_kernel``."""
         return x
 
     def __repr__(self) -> str:

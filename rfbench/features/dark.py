@@ -21,6 +21,8 @@ import torch
 
 from rfbench.errors import EstimatorError
 from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.features.target import SOFTMAX, TargetKernel, transformed_softmax
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 SIGMA_TARGET = "exp(q^T Sigma k)"
@@ -75,11 +77,7 @@ def _fixed_transform(params: dict) -> torch.Tensor | None:
 
 def _apply(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x' = M x for ``x: [..., L, d]`` and ``M: [..., d, d]`` -> ``[..., L, d]``."""
-    if M.shape[-1] != x.shape[-1]:
-        raise EstimatorError(
-            f"the DARK transform is {M.shape[-1]}x{M.shape[-1]} but the inputs have d={x.shape[-1]}; "
-            "give sigma/M of the inputs' dimension"
-        )
+    _check_dim(M, x.shape[-1])
     try:
         torch.broadcast_shapes(M.shape[:-2], x.shape[:-2])
     except RuntimeError:
@@ -112,13 +110,27 @@ def whiten_eigs(evals: torch.Tensor, d: int, scale, eig_floor: float, who: str, 
     return (scale or d**-0.25) * torch.maximum(evals, floor).rsqrt()
 
 
-def importance_log_features(x, W, omega, log_det):
-    """Log PosRF features of x at omega = proposal-distributed rows, importance-weighted:
-    x . omega - |x|^2 / 2 + log sqrt(p_I / p_Sigma)(omega), where the weight
-    (|w|^2 - |omega|^2 + log det Sigma) / 4 is shared by the two sides ([..., 1, m]); W holds the
-    standard normal rows w that omega was made from. Returns (log features, None)."""
-    log_w = 0.25 * (sq_norm(W).squeeze(-1) - sq_norm(omega).squeeze(-1) + log_det.unsqueeze(-1))
-    return x @ omega.transpose(-1, -2) - 0.5 * sq_norm(x) + log_w.unsqueeze(-2), None
+def _check_dim(M: torch.Tensor, d: int) -> None:
+    if M.shape[-1] != d:
+        raise EstimatorError(
+            f"the DARK transform is {M.shape[-1]}x{M.shape[-1]} but the inputs have d={d}; "
+            "give sigma/M of the inputs' dimension"
+        )
+
+
+def importance_bias(W: torch.Tensor, omega: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+    """log sqrt(p_I / p_Sigma)(omega) = (|w|^2 - |omega|^2 + log det Sigma) / 4, ``[..., m]``.
+
+    The importance weight of PosRF features at proposal-distributed rows omega, shared by the two
+    sides; W ``[m, d]`` holds the standard normal rows w that omega ``[..., m, d]`` was made from.
+    """
+    return 0.25 * (sq_norm(W).squeeze(-1) - sq_norm(omega).squeeze(-1) + log_det.unsqueeze(-1))
+
+
+def aligned_form(W: torch.Tensor, M: torch.Tensor) -> ExpForm:
+    """PosRF on M x: log f = w . Mx - |Mx|^2 / 2, so W_eff = W M ``[..., m, d]`` and P = M ``[..., d, d]``."""
+    M = M.to(device=W.device, dtype=W.dtype)
+    return ExpForm(W @ M, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device), -0.5, M)
 
 
 def proposal_eigs(evals: torch.Tensor, max_eig: float) -> torch.Tensor:
@@ -195,9 +207,14 @@ class DARK(FeatureMap):
         """M x: the target is exp((Mq) . (Mk)) = exp(q^T Sigma k)."""
         return _apply(self.transform(params), x)
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        xt = _apply(self.transform(params), x)
-        return xt @ draw.W.T - 0.5 * sq_norm(xt), None
+    def target_kernel(self, params: Params) -> TargetKernel:
+        """exp((Mq) . (Mk)) = exp(q^T Sigma k) with the fixed or fitted M."""
+        return transformed_softmax(self.target, self.transform(params))
+
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        M = self.transform(params)  # fixed or fitted: no probe, no device sync
+        _check_dim(M, d)
+        return aligned_form(draw.W, M)
 
 
 # --------------------------------------------------------------------------- DARKIS
@@ -242,6 +259,10 @@ class DARKIS(FeatureMap):
     def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
         return self._transform(x)
 
+    def target_kernel(self, params: Params) -> TargetKernel:
+        """exp(q . k), or exp((Mq) . (Mk)) with a fixed transform M."""
+        return SOFTMAX if self._M is None else transformed_softmax(self.target, self._M)
+
     def fit_params(self, q: torch.Tensor, k: torch.Tensor) -> Params:
         """Proposal ``sigma_star`` and its square root ``[..., d, d]``, and ``log_det`` ``[...]``."""
         evals, U = torch.linalg.eigh(second_moment(self._transform(q), self._transform(k)))
@@ -253,11 +274,40 @@ class DARKIS(FeatureMap):
             "log_det": s.log().sum(dim=-1).to(q.dtype),
         }
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """omega = Sigma*^1/2 w; log f = omega . Mx - |Mx|^2 / 2 + importance weight:
+        W_eff = omega M, P = M (omega and P = None without a transform)."""
         if "sqrt_sigma_star" not in params:
             raise EstimatorError("darkis needs its fitted proposal: call est.fit(q, k) first")
-        xt = self._transform(x)
-        R = params["sqrt_sigma_star"].to(device=x.device, dtype=x.dtype)
-        omega = draw.W @ R  # [..., m, d]; rows R w since R is symmetric
-        log_det = params["log_det"].to(device=x.device, dtype=x.dtype)
-        return importance_log_features(xt, draw.W, omega, log_det)
+        W = draw.W
+        R = params["sqrt_sigma_star"].to(device=W.device, dtype=W.dtype)
+        omega = W @ R  # [..., m, d]; rows R w since R is symmetric
+        bias = importance_bias(W, omega, params["log_det"].to(device=W.device, dtype=W.dtype))
+        if self._M is None:
+            return ExpForm(omega, bias)
+        _check_dim(self._M, d)
+        M = self._M.to(device=W.device, dtype=W.dtype)
+        return ExpForm(omega @ M, bias, -0.5, M)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def dark_variance(fm, x, y, fit) -> torch.Tensor:
+    """PosRF's variance on (Mx, My): e^(2 x^T Sigma y) expm1((x+y)^T Sigma (x+y)), Sigma = M^T M.
+    Needs a fixed M (sigma= or M=); the whitening fit is a property of a data set, not of a pair."""
+    from rfbench.errors import DataError
+    from rfbench.features.positive import posrf_variance  # one formula: DARK is PosRF on M x
+
+    if fm.data_dependent:
+        raise EstimatorError(
+            "dark's closed form needs a fixed Sigma: pass sigma= (a covariance) or M= (its factor)"
+        )
+    M = fm.transform({}).to(device=x.device, dtype=torch.float64)
+    if M.shape[-1] != x.shape[-1]:
+        raise DataError(f"dark's M is {M.shape[-1]}x{M.shape[-1]} but x and y have d={x.shape[-1]}")
+    xt = (x.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
+    yt = (y.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
+    return posrf_variance(fm, xt, yt, fit)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"dark": dark_variance}

@@ -49,11 +49,14 @@ from rfbench.errors import EstimatorError
 from rfbench.features.base import FeatureMap, Params, sq_norm
 from rfbench.features.dark import (
     SIGMA_TARGET,
-    importance_log_features,
+    aligned_form,
+    importance_bias,
     proposal_eigs,
     second_moment,
     whiten_eigs,
 )
+from rfbench.features.target import SOFTMAX, TargetKernel, transformed_softmax
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 LEARNED_SIGMA_TARGET = "learned: exp(q^T Sigma k), Sigma fitted"
@@ -112,10 +115,17 @@ class DARKLearned(FeatureMap):
         # The IS estimator stays unbiased for the softmax kernel whatever Sigma is learned.
         self.target = "softmax" if p["mode"] == "is" else SIGMA_TARGET
 
-    @property
-    def learned_target(self) -> str:
-        """The honest label once M has been trained."""
-        return "softmax" if self.params["mode"] == "is" else LEARNED_SIGMA_TARGET
+    # ------------------------------------------------------------------ learnable protocol
+    def learnable_params(self, params: Params) -> Params:
+        """The fitted tensors ``rfbench.learning`` trains: all of them (M's factors)."""
+        return dict(params)
+
+    def trained_target(self, params: Params) -> TargetKernel:
+        """The TargetKernel once M is trained: the learned exp((Mq) . (Mk)) (aligned), or the
+        softmax kernel (is: a learned proposal leaves the target alone)."""
+        if self.params["mode"] == "is":
+            return SOFTMAX
+        return transformed_softmax(LEARNED_SIGMA_TARGET, self.transform(params).detach())
 
     # ------------------------------------------------------------------ init
     def _init_full(self, lam: torch.Tensor, d: int) -> torch.Tensor:
@@ -186,14 +196,22 @@ class DARKLearned(FeatureMap):
             return x
         return x @ self.transform(params).to(device=x.device, dtype=x.dtype).transpose(-1, -2)
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        M = self.transform(params).to(device=x.device, dtype=x.dtype)
+    def target_kernel(self, params: Params) -> TargetKernel:
+        """exp((Mq) . (Mk)) at the fitted M (mode "aligned"); exp(q . k) in mode "is"."""
+        if self.params["mode"] == "is":
+            return SOFTMAX
+        return transformed_softmax(self.target, self.transform(params))
+
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """Aligned: PosRF on M x (W_eff = W M, P = M). IS: omega = M^T w ~ N(0, Sigma), W_eff = omega,
+        bias = the importance weight; omega^T Sigma^-1 omega = |w|^2 for invertible M, so the weight
+        needs only log det Sigma = 2 log |det M|. Differentiable in the factors of M."""
+        W = draw.W
+        M = self.transform(params).to(device=W.device, dtype=W.dtype)
         if self.params["mode"] == "aligned":
-            xt = x @ M.transpose(-1, -2)
-            return xt @ draw.W.T - 0.5 * sq_norm(xt), None
-        omega = draw.W.to(dtype=x.dtype) @ M  # [..., m, d], rows M^T w ~ N(0, Sigma)
-        # omega^T Sigma^-1 omega = |w|^2 for invertible M, so the weight needs only log det Sigma
-        return importance_log_features(x, draw.W, omega, 2 * torch.linalg.slogdet(M).logabsdet)
+            return aligned_form(W, M)
+        omega = W @ M  # [..., m, d], rows M^T w
+        return ExpForm(omega, importance_bias(W, omega, 2 * torch.linalg.slogdet(M).logabsdet))
 
     # ------------------------------------------------------------------ closed-form variance
     def log_second_moment(self, x: torch.Tensor, y: torch.Tensor, params: Params) -> torch.Tensor:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from rfbench.errors import EstimatorError
-from rfbench.features.base import FeatureMap, Params, sq_norm
-from rfbench.features.gerf import gerf_log_features, mean_pair_sq_norm, oprf_a_star
+from rfbench.features.base import FeatureMap, Params
+from rfbench.features.gerf import gerf_form, mean_pair_sq_norm, oprf_a_star
+from rfbench.ops.features.naive import log_features as form_log_features
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 #: Psi^4 is clipped to [1e-12, 1e12] (Psi in [1e-3, 1e3]): a coordinate that is zero on one side
@@ -57,11 +59,13 @@ class SADERF(FeatureMap):
         A = oprf_a_star(mean_pair_sq_norm(q * psi, k / psi) / q.shape[-1])
         return {"psi": psi, "A": A}
 
+    # No ``exp_form``: queries see Psi x and keys Psi^-1 x, two different affine forms, and an
+    # ExpForm is one form for both sides. The GERF form is applied to each side's rescaled input.
     def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
         if "psi" not in params or "A" not in params:
             raise EstimatorError("saderf needs its fitted Psi and A: call est.fit(q, k) first")
         xs = x * params["psi"] if is_query else x / params["psi"]
-        return gerf_log_features(xs, draw.W, params["A"]), None
+        return form_log_features(xs, gerf_form(draw.W, params["A"], x.shape[-1])), None
 
 
 def sderf_fit(q: torch.Tensor, k: torch.Tensor) -> Params:
@@ -108,14 +112,51 @@ class SDERF(FeatureMap):
         """``{"Q": [..., d, d], "a": [..., 1, d]}`` (``sderf_fit``)."""
         return sderf_fit(q, k)
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """W_eff = omega diag(sqrt(1 - 4a)) Q^T (so W_eff x = sqrt(1 - 4a) . (omega o Q^T x)),
+        bias = sum_l a_l omega_l^2 + (1/4) sum_l log(1 - 4 a_l), coef = -1/2."""
         if "Q" not in params or "a" not in params:
             raise EstimatorError("sderf needs its fitted Q and a: call est.fit(q, k) first")
-        W, a = draw.W, params["a"]
-        xr = x @ params["Q"]  # (Q^T x) as rows, [..., L, d]
-        return (
-            a @ (W * W).T  # sum_l a_l omega_l^2, [..., 1, m]
-            + (xr * torch.sqrt(1 - 4 * a)) @ W.T
-            - 0.5 * sq_norm(x)
-            + 0.25 * torch.log1p(-4 * a).sum(dim=-1, keepdim=True)
-        ), None
+        W, a = draw.W, params["a"]  # a: [..., 1, d]
+        W_eff = (W * torch.sqrt(1 - 4 * a)) @ params["Q"].transpose(-1, -2)  # [..., m, d]
+        bias = (a @ (W * W).T).squeeze(-2) + 0.25 * torch.log1p(-4 * a).sum(dim=-1)  # [..., m]
+        return ExpForm(W_eff, bias)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def saderf_variance(fm, x, y, fit, *, psi=None, A=None) -> torch.Tensor:
+    """The GERF variance at (Psi x, Psi^-1 y) (FAVOR#, SADERF): the given psi and A, else the pair's
+    fit; a given psi without A takes the A* of the rescaled pair, as the fit would."""
+    from rfbench.features.gerf import check_A_tensor, gerf_variance_at  # kept beside its use
+
+    psi_given = psi is not None
+    fitted = fit() if psi is None or A is None else {}
+    psi = psi if psi_given else fitted["psi"]
+    if bool((psi <= 0).any()):
+        raise EstimatorError("saderf: psi must be positive")
+    xs, ys = x * psi, y / psi
+    if A is not None:
+        A = check_A_tensor(A, "saderf")
+    elif psi_given:  # A* of the rescaled pair, as the fit would give for this psi
+        A = oprf_a_star(((xs + ys) * (xs + ys)).sum(dim=-1) / x.shape[-1])
+    else:
+        A = fitted["A"].squeeze(-1)
+    return gerf_variance_at(A, xs, ys)
+
+
+def sderf_variance(fm, x, y, fit, *, Q=None, a=None) -> torch.Tensor:
+    """Symmetric DERF (derived, see ``SDERF``), t = Q^T (x + y):
+    e^(2x.y) expm1(sum_l [log(1-4a_l) - 1/2 log(1-8a_l) + t_l^2 / (1-8a_l)])."""
+    from rfbench.features.gerf import check_A_tensor  # kept beside its use
+
+    fitted = fit() if Q is None or a is None else {}
+    Q = Q if Q is not None else fitted["Q"]
+    a = a if a is not None else fitted["a"]
+    check_A_tensor(a, "sderf (a)")
+    t2 = (((x + y).unsqueeze(-2) @ Q).squeeze(-2)) ** 2
+    excess = (torch.log1p(-4 * a) - 0.5 * torch.log1p(-8 * a) + t2 / (1 - 8 * a)).sum(dim=-1)
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1(excess)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"saderf": saderf_variance, "sderf": sderf_variance}

@@ -72,6 +72,7 @@ class _DIRF(FeatureMap):
 
     positive = False
     needs_gaussian_rows = False
+    weights = ("iid",)  # the omegas are this map's own draw: no coupling of Gaussian rows applies
     _law = ""
     _param = ""
 
@@ -80,13 +81,11 @@ class _DIRF(FeatureMap):
         # Only a fitted parameter depends on the data; an instance attribute shadows the class one.
         self.data_dependent = self.params[self._param] is None
 
-    def supports(self, weights: WeightMatrix) -> list[str]:
-        if weights.name == "iid":
-            return []
-        return [
+    def _weights_reason(self, weights: WeightMatrix) -> str:
+        return (
             f"{type(self).__name__} draws discrete omegas from {self._law}; a Gaussian weight matrix "
             f"({weights.name!r}) does not apply; use {self.name}-iid"
-        ]
+        )
 
     def draw(self, weights: WeightMatrix, m: int, d: int, *, generator, device, dtype) -> WeightDraw:
         """i.i.d. U(0, 1) ``[m, d]`` (float64); omegas are made from them in ``log_features``."""
@@ -237,3 +236,38 @@ class GeomRF(_DIRF):
             - 0.5 * torch.log(p).sum(dim=-1, keepdim=True)
         )
         return log_mag, _sign_factor(x, omega)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def _law_param(fm, x, fit, given, key: str, hi: float) -> torch.Tensor:
+    """lam or p for the variance: ``given`` (checked in (0, hi)), the map's fixed value, or the pair fit."""
+    if given is not None:
+        if bool(((given <= 0) | (given >= hi)).any()):
+            raise EstimatorError(f"{fm.name}: {key} must be in (0, {hi})")
+        value = given
+    elif fm.params[key] is not None:
+        value = torch.tensor(fm.params[key], dtype=torch.float64, device=x.device)
+    else:
+        value = fit()[key]
+    return value.expand(x.shape)
+
+
+def poisrf_variance(fm, x, y, fit, *, lam=None) -> torch.Tensor:
+    """CRT PoisRF (derived, see ``PoisRF``): prod_l exp(lam_l + x_l^2 y_l^2 / lam_l) - e^(2x.y)."""
+    lam = _law_param(fm, x, fit, lam, "lam", math.inf).clamp(min=LAM_MIN)  # as the feature map does
+    xy = (x * y).sum(dim=-1)
+    excess = (lam + (x * y) ** 2 / lam).sum(dim=-1) - 2 * xy
+    return torch.exp(2 * xy) * torch.expm1(excess)
+
+
+def geomrf_variance(fm, x, y, fit, *, p=None) -> torch.Tensor:
+    """CRT GeomRF (derived, see ``GeomRF``): prod_l I0(2|x_l y_l| / sqrt(1 - p_l)) / p_l - e^(2x.y)."""
+    p = _law_param(fm, x, fit, p, "p", 1.0).clamp(P_MIN, P_MAX)  # as the feature map does
+    t = 2 * (x * y).abs() / torch.sqrt(1 - p)
+    log_m2 = (torch.log(torch.special.i0e(t)) + t - torch.log(p)).sum(dim=-1)  # log I0 = log i0e + t
+    xy = (x * y).sum(dim=-1)
+    return torch.exp(2 * xy) * torch.expm1(log_m2 - 2 * xy)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"poisrf": poisrf_variance, "geomrf": geomrf_variance}

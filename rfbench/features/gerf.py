@@ -23,6 +23,7 @@ import torch
 
 from rfbench.errors import EstimatorError
 from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 #: Default A of ``gerf``: the OPRF optimum A*(rho) at rho = mean |x + y|^2 / d = 3/20 (solve
@@ -66,24 +67,18 @@ def mean_pair_sq_norm(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return phi.clamp(min=0.0)  # a mean of squares; the expansion can round below 0 when q ~ -k
 
 
-def _as_A(A, x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(A, dtype=x.dtype, device=x.device)
+def gerf_form(W: torch.Tensor, A, d: int) -> ExpForm:
+    """ExpForm of the s = +1 softmax GERF: ``[..., m]`` features from W ``[m, d]``.
 
-
-def gerf_log_features(x: torch.Tensor, W: torch.Tensor, A) -> torch.Tensor:
-    """log f(omega_i, x) of the s = +1 softmax GERF: ``[..., L, m]``.
-
-    x ``[..., L, d]``, W ``[m, d]``, A a float or ``[..., 1, 1]`` (one per leading index).
-    log f = A |omega|^2 + sqrt(1 - 4A) omega . x - |x|^2 / 2 + (d/4) log(1 - 4A).
+    log f = A |omega|^2 + sqrt(1 - 4A) omega . x - |x|^2 / 2 + (d/4) log(1 - 4A), so
+    W_eff = sqrt(1 - 4A) omega and bias = A |omega|^2 + (d/4) log(1 - 4A). A is a float or
+    ``[..., 1, 1]`` (one per leading index: OPRF's A*), giving W_eff ``[..., m, d]``, bias ``[..., m]``.
     """
-    A = _as_A(A, x)
-    d = x.shape[-1]
-    return (
-        A * (W * W).sum(dim=-1)
-        + torch.sqrt(1 - 4 * A) * (x @ W.T)
-        - 0.5 * sq_norm(x)
-        + 0.25 * d * torch.log1p(-4 * A)
-    )
+    A = torch.as_tensor(A, dtype=W.dtype, device=W.device)
+    A = A.reshape(*A.shape[:-2], 1) if A.ndim >= 2 else A  # OPRF's [..., 1, 1] -> [..., 1]
+    W_eff = torch.sqrt(1 - 4 * A).unsqueeze(-1) * W
+    bias = A * (W * W).sum(dim=-1) + 0.25 * d * torch.log1p(-4 * A)
+    return ExpForm(W_eff, bias.expand(*bias.shape[:-1], W.shape[0]))
 
 
 class GERF(FeatureMap):
@@ -106,8 +101,8 @@ class GERF(FeatureMap):
     def _validate(self) -> None:
         self.params["A"] = check_A(self.params["A"], self.name)
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        return gerf_log_features(x, draw.W, self.params["A"]), None
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        return gerf_form(draw.W, self.params["A"], d)
 
 
 class GERFTrig(FeatureMap):
@@ -169,7 +164,58 @@ class OPRF(FeatureMap):
         """``{"A": [..., 1, 1]}``, A* for the pair-averaged |q_i + k_j|^2."""
         return {"A": oprf_a_star(mean_pair_sq_norm(q, k) / q.shape[-1])}
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
         if "A" not in params:
             raise EstimatorError("oprf needs its fitted A: call est.fit(q, k) first")
-        return gerf_log_features(x, draw.W, params["A"]), None
+        return gerf_form(draw.W, params["A"], d)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def check_A_tensor(A: torch.Tensor, owner: str) -> torch.Tensor:
+    """``A`` unchanged when every entry is below 1/8; EstimatorError naming ``owner`` otherwise."""
+    if bool((A >= 0.125).any()):
+        raise EstimatorError(
+            f"{owner}: A >= 1/8 gives an infinite-variance estimator (E exp(4A|omega|^2) diverges); "
+            "use A < 1/8"
+        )
+    return A
+
+
+def gerf_log_excess(A: torch.Tensor, d: int, s2: torch.Tensor) -> torch.Tensor:
+    """log(E[P^2] / e^(2 x.y)) of the s = +1 GERF: d log(1-4A) - (d/2) log(1-8A) + |x+y|^2 / (1-8A)."""
+    return d * (torch.log1p(-4 * A) - 0.5 * torch.log1p(-8 * A)) + s2 / (1 - 8 * A)
+
+
+def gerf_variance_at(A: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Var1 of the s = +1 GERF at A (broadcast with ``[...]``) for x, y ``[..., d]``:
+    e^(2x.y) expm1(``gerf_log_excess``) (CRT, Sec. 3; derived, Monte-Carlo checked in
+    tests/test_theory.py)."""
+    s = x + y
+    excess = gerf_log_excess(A, x.shape[-1], (s * s).sum(dim=-1))
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1(excess)
+
+
+def gerf_variance(fm, x, y, fit) -> torch.Tensor:
+    """GERF at its fixed A (the protocol is rfbench.theory's)."""
+    return gerf_variance_at(torch.tensor(fm.params["A"], dtype=torch.float64, device=x.device), x, y)
+
+
+def gerftrig_variance(fm, x, y, fit) -> torch.Tensor:
+    """GERF s = -1, real A (derived, see ``GERFTrig``), z = x - y, log c = d log(1-4A) - d/2 log(1-8A):
+    e^(2x.y) / 2 (expm1(log c + |z|^2) + expm1(log c - |z|^2 / (1-8A)))."""
+    A = torch.tensor(fm.params["A"], dtype=torch.float64, device=x.device)
+    log_c = x.shape[-1] * (torch.log1p(-4 * A) - 0.5 * torch.log1p(-8 * A))
+    z = x - y
+    z2 = (z * z).sum(dim=-1)
+    both = torch.expm1(log_c + z2) + torch.expm1(log_c - z2 / (1 - 8 * A))
+    return 0.5 * torch.exp(2 * (x * y).sum(dim=-1)) * both
+
+
+def oprf_variance(fm, x, y, fit, *, A=None) -> torch.Tensor:
+    """The GERF variance at the given A, or at the pair's own A*(|x + y|^2 / d) (CRT, OPRF)."""
+    A = check_A_tensor(A, "oprf") if A is not None else fit()["A"].squeeze(-1)
+    return gerf_variance_at(A, x, y)
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"gerf": gerf_variance, "gerftrig": gerftrig_variance, "oprf": oprf_variance}

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from rfbench.features.base import FeatureMap, Params, sq_norm
+from rfbench.features.base import FeatureMap, Params
+from rfbench.ops.form import ExpForm
 from rfbench.weights.base import WeightDraw
 
 
@@ -21,8 +22,10 @@ class PosRF(FeatureMap):
     description = "positive random features (FAVOR+)"
     reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        return x @ draw.W.T - 0.5 * sq_norm(x), None
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """log f = omega . x - |x|^2 / 2: W = omega, bias = 0."""
+        W = draw.W
+        return ExpForm(W, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
 
 
 class HypRF(FeatureMap):
@@ -37,7 +40,28 @@ class HypRF(FeatureMap):
     description = "hyperbolic positive random features (antithetic PosRF)"
     reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021, Lemma 1"
 
-    def log_features(self, x: torch.Tensor, draw: WeightDraw, params: Params, is_query: bool):
-        wx = x @ draw.W.T
-        base = -0.5 * sq_norm(x) - 0.5 * math.log(2.0)  # 1/2 averages the antithetic pair
-        return torch.cat([wx, -wx], dim=-1) + base, None
+    def exp_form(self, draw: WeightDraw, params: Params, d: int) -> ExpForm:
+        """W = [omega; -omega] (omega-major blocks), bias = log(2^-1/2): the 1/2 averages the pair."""
+        W = draw.W
+        bias = torch.full((2 * W.shape[0],), -0.5 * math.log(2.0), dtype=W.dtype, device=W.device)
+        return ExpForm(torch.cat([W, -W], dim=0), bias)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def posrf_variance(fm, x, y, fit) -> torch.Tensor:
+    """Var1 = e^(2x.y) (e^|x+y|^2 - 1), x, y ``[..., d]`` -> ``[...]`` (Choromanski et al., ICLR 2021,
+    Lemma 2). The protocol is rfbench.theory's."""
+    s = x + y
+    return torch.exp(2 * (x * y).sum(dim=-1)) * torch.expm1((s * s).sum(dim=-1))
+
+
+def hyprf_variance(fm, x, y, fit) -> torch.Tensor:
+    """Var1 = 1/2 e^(-|x|^2-|y|^2) (e^|x+y|^2 - 1)^2 = 2 e^(2x.y) sinh^2(|x+y|^2 / 2): PosRF's second
+    moment averaged over the pair (omega, -omega), whose cross term is e^(-|x|^2-|y|^2) (SM^hyp+ of
+    Choromanski et al., ICLR 2021, Lemma 1)."""
+    s = x + y
+    return 2 * torch.exp(2 * (x * y).sum(dim=-1)) * torch.sinh(0.5 * (s * s).sum(dim=-1)) ** 2
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"posrf": posrf_variance, "hyprf": hyprf_variance}

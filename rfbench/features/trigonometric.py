@@ -32,3 +32,15 @@ class TrigRF(FeatureMap):
         wx = x @ draw.W.T  # [..., L, m]
         log_mag = (0.5 * sq_norm(x)).expand(*wx.shape[:-1], 2 * wx.shape[-1])
         return log_mag, torch.cat([torch.cos(wx), torch.sin(wx)], dim=-1)
+
+
+# --------------------------------------------------------------------------- closed-form variance
+def trigrf_variance(fm, x, y, fit) -> torch.Tensor:
+    """Var1 = e^(2x.y) (cosh|x-y|^2 - 1) = 2 e^(2x.y) sinh^2(|x-y|^2 / 2), x, y ``[..., d]`` -> ``[...]``
+    (Choromanski et al., ICLR 2021, Lemma 2). The protocol is rfbench.theory's."""
+    z = x - y
+    return 2 * torch.exp(2 * (x * y).sum(dim=-1)) * torch.sinh(0.5 * (z * z).sum(dim=-1)) ** 2
+
+
+#: Closed-form one-sample variances of this module's maps, by map name (read by rfbench.theory).
+VARIANCE = {"trigrf": trigrf_variance}

@@ -66,8 +66,8 @@ def record_launches(
     """
     from rfbench.ops import common
     from rfbench.ops.features import fused as feat
+    from rfbench.ops.form import ExpForm
     from rfbench.ops.kernel_error import fused as kerr
-    from rfbench.ops.params import PositiveFeatures
     from rfbench.ops.rf_attention import fused as attn
 
     log: list = []
@@ -79,12 +79,12 @@ def record_launches(
         for mod, name, fn in saved:
             setattr(mod, name, _Recorder(fn, log))
         q = torch.zeros(1, 2, L, d, dtype=dtype)
-        fp = PositiveFeatures(torch.zeros(m, d), torch.zeros(m), -0.5)
+        form = ExpForm(torch.zeros(m, d), torch.zeros(m), -0.5)
         w = {"num_stages": num_stages} | ({} if num_warps is None else {"num_warps": num_warps})
-        attn.fused_rf_attention(q, q, q, fp, causal=False, **w)
-        attn.fused_rf_attention(q, q, q, fp, causal=True, **w)
-        feat.fused_features(q, fp, "shared", **w)
-        kerr.fused_kernel_error(q.float(), q.float(), fp, precision="tf32", **w)  # its GPU default
+        attn.fused_rf_attention(q, q, q, form, causal=False, **w)
+        attn.fused_rf_attention(q, q, q, form, causal=True, **w)
+        feat.fused_features(q, form, "shared", **w)
+        kerr.fused_kernel_error(q.float(), q.float(), form, precision="tf32", **w)  # its GPU default
     finally:
         common.FORCE_F32_PRECISION = None
         for mod, name, fn in saved:

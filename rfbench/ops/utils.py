@@ -53,6 +53,25 @@ def shape_reasons(d: int, dv: int | None = None) -> list[str]:
     return reasons
 
 
+def form_reasons(form) -> list[str]:
+    """Why the fused kernels cannot serve this ExpForm (empty when they can)."""
+    if form is not None and form.signed:
+        return [
+            "the form is signed (negative quadrature row weights): the fused kernels serve positive "
+            "features only; the torch path serves signed ones"
+        ]
+    return []
+
+
+def refuse_signed(form) -> None:
+    """Raise UnsupportedError (with the reason) when a fused kernel is handed a signed form."""
+    reasons = form_reasons(form)
+    if reasons:
+        from rfbench.errors import UnsupportedError
+
+        raise UnsupportedError(reasons)
+
+
 def next_pow2(n: int, least: int = 16) -> int:
     """Block size covering n: a power of two, at least ``least`` (tl.dot needs >= 16)."""
     return max(least, 1 << (max(n, 1) - 1).bit_length())

@@ -46,7 +46,8 @@ class WeightMatrix:
     """Base class of weight-matrix samplers.
 
     Subclasses set the class attributes and implement ``_sample``. Constructors only store
-    their (keyword) parameters, validated in ``_validate``.
+    their (keyword) parameters, validated in ``_validate``; an instance never changes after
+    construction (trained or fitted state lives on the Estimator).
     """
 
     name: ClassVar[str] = ""
@@ -56,8 +57,12 @@ class WeightMatrix:
     #: True when each row's marginal is exactly N(0, I_d), so the estimate of E_omega[f1 f2] stays
     #: unbiased. Couplings between rows (orthogonality, simplex) keep this True.
     unbiased: ClassVar[bool] = True
-    #: True when rows are coupled (not independent): MSE is no longer Var1 / m.
-    coupled: ClassVar[bool] = False
+    #: True when the rows are drawn independently of each other, so the MSE of the average is
+    #: Var1 / m (theory.mse). Couplings (orthogonal blocks, shared circulant or Hadamard factors,
+    #: low-discrepancy points, antithetic pairs) set it False.
+    independent_rows: ClassVar[bool] = True
+    #: True when the draw has trainable parts (``rfbench.learning`` trains them); see FastFoodL.
+    learnable: ClassVar[bool] = False
     description: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     #: Names of the constructor parameters and their defaults.

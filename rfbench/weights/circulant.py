@@ -26,7 +26,7 @@ class SCRF(WeightMatrix):
     """
 
     name = "scrf"
-    coupled = True
+    independent_rows = False
     description = "signed circulant blocks D circ(g), g ~ N(0, I); unbiased"
     reference = "Feng, Hu, Liao, Random Feature Mapping with Signed Circulant Matrix Projection, IJCAI 2015"
 

@@ -69,7 +69,7 @@ def hd_product(signs: torch.Tensor) -> torch.Tensor:
 class _PaddedHadamard(WeightMatrix):
     """Shared logic: blocks of n = next_pow2(d) columns, zero-padding d when allowed."""
 
-    coupled = True
+    independent_rows = False
     defaults = {"pad": True}
 
     def _validate(self) -> None:
@@ -126,8 +126,12 @@ class ROM(_PaddedHadamard):
     description = "S-Rademacher ROM: sqrt(d) (H D)^k blocks, orthogonal rows of norm sqrt(d); biased for SM"
     reference = "Choromanski, Rowland, Weller, Structured Random Orthogonal Embeddings, NeurIPS 2017"
 
+    def _num_factors(self) -> int:
+        """k, the number of H D factors per block."""
+        return self.params["k"]
+
     def _block(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        signs = torch.stack([rademacher(n, generator) for _ in range(self.params["k"])])
+        signs = torch.stack([rademacher(n, generator) for _ in range(self._num_factors())])
         return math.sqrt(n) * hd_product(signs)
 
 
@@ -146,9 +150,8 @@ class SORF(ROM):
     description = "structured orthogonal RF sqrt(d) H D1 H D2 H D3, rows of norm sqrt(d); biased for SM"
     reference = "Yu et al., Orthogonal Random Features, NeurIPS 2016, Sec. 4"
 
-    def _block(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        signs = torch.stack([rademacher(n, generator) for _ in range(3)])
-        return math.sqrt(n) * hd_product(signs)
+    def _num_factors(self) -> int:
+        return 3  # SORF is ROM's block with k = 3 (no k parameter of its own)
 
 
 class ROMHybrid(_PaddedHadamard):
@@ -201,11 +204,17 @@ class FastFood(_PaddedHadamard):
     description = "FastFood S H G Pi H B blocks with chi norms (fixed, not learned); unbiased"
     reference = "Le, Sarlos, Smola, Fastfood, ICML 2013"
 
-    def _block(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def block_factors(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """One block's factors ``(b, perm, g, s)``, each ``[n]``, in the order they are drawn:
+        B's signs, Pi, g ~ N(0, I_n), the chi_n row norms. FastFood-L starts from the same factors."""
         b = rademacher(n, generator)
         perm = torch.randperm(n, generator=generator)
         g = normal((n,), generator)
         s = chi_norms(n, n, generator)
+        return b, perm, g, s
+
+    def _block(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        b, perm, g, s = self.block_factors(n, generator)
         # Columns of M = sqrt(n) H G Pi H B, computed as the rows of M^T, rightmost factor first.
         Mt = fwht(torch.diag(b))[:, perm] * g.unsqueeze(0)
         M = math.sqrt(n) * fwht(Mt).T

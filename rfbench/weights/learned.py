@@ -19,8 +19,7 @@ import math
 import torch
 
 from rfbench.errors import EstimatorError
-from rfbench.weights._blocks import rademacher
-from rfbench.weights.base import WeightDraw, WeightMatrix, chi_norms, next_pow2, normal
+from rfbench.weights.base import WeightDraw, next_pow2
 from rfbench.weights.hadamard import FastFood, fwht
 
 LEARNED_TARGET = "learned spectral kernel (FastFood-L), not exp(q.k)"
@@ -53,16 +52,19 @@ class FastFoodLModule(torch.nn.Module):
         return W.reshape(-1, n)[: self.m, : self.d]
 
 
-class FastFoodL(WeightMatrix):
+class FastFoodL(FastFood):
     """FastFood whose S, G, B are learned by ``rfbench.learning.fit_estimator``; its draw is ``fastfood``'s.
 
+    A subclass of ``FastFood``: the same pad check, refusals, notes and block factors (drawn by
+    ``FastFood.block_factors``, so the untrained draw equals ``fastfood``'s for the same generator).
     Flags. ``gaussian_marginal = True``: the untrained draw is exactly FastFood's, whose rows are
     N(0, I) (see ``fastfood``), so Gaussian-based maps (posrf, oprf) may pair with it.
     ``unbiased = False``, set on the class: the point of this class is to be trained, and a
     trained W is one deterministic matrix whose rows no longer follow N(0, I), so phi(q) . phi(k)
     estimates a learned spectral kernel, not exp(q . k). The flag describes the pair whatever its
     training state (an untrained FastFoodL is the unbiased ``fastfood``; use that name for it).
-    After training, ``fit_estimator`` labels the estimator's target ``LEARNED_TARGET``.
+    ``learnable = True``: the trainer builds ``module(...)`` and trains it; the trained state
+    lives on the Estimator, never on this instance.
 
     Parameters: pad (True: zero-pad d to the next power of two, as ``fastfood``); learn: which
     diagonals train, a string of the letters S, G, B (default "SGB").
@@ -71,15 +73,13 @@ class FastFoodL(WeightMatrix):
     name = "fastfoodl"
     gaussian_marginal = True
     unbiased = False
-    coupled = True
-    #: The draw can be trained (read by rfbench.learning).
     learnable = True
     defaults = {"pad": True, "learn": "SGB"}
     description = "FastFood with learned S, G, B (FastFood-L kernel learner); biased for SM once trained"
     reference = "Chowdhury et al., Learning the Transformer Kernel, TMLR 2022; Le, Sarlos, Smola, ICML 2013"
 
     def _validate(self) -> None:
-        FastFood(pad=self.params["pad"])  # the same pad check and message
+        super()._validate()  # FastFood's pad check and message
         learn = self.params["learn"]
         letters = set(learn) if isinstance(learn, str) else None
         if not learn or letters is None or letters - set("SGB") or len(letters) != len(learn):
@@ -88,22 +88,16 @@ class FastFoodL(WeightMatrix):
                 f"(e.g. 'SGB' or 'SG'), each at most once; got {learn!r}"
             )
 
-    def supports(self, m: int, d: int) -> list[str]:
-        return FastFood(pad=self.params["pad"]).supports(m, d)
-
     def factors(self, m: int, d: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The float64 factors ``S, G, B, perm`` (each ``[nb, n]``) of FastFood's draw from ``generator``.
 
-        Drawn in the order of ``FastFood._block`` (B signs, Pi, g, chi norms per block), so the
-        resulting W equals ``fastfood``'s draw (checked by the tests).
+        One ``block_factors`` call per block, as ``FastFood._block`` makes them, so the resulting W
+        equals ``fastfood``'s draw (checked by the tests).
         """
         n = next_pow2(d)
         S, G, B, P = [], [], [], []
         for _ in range(-(-m // n)):
-            b = rademacher(n, generator)
-            perm = torch.randperm(n, generator=generator)
-            g = normal((n,), generator)
-            s = chi_norms(n, n, generator)
+            b, perm, g, s = self.block_factors(n, generator)
             S.append(s / g.norm())
             G.append(g)
             B.append(b)
@@ -121,9 +115,24 @@ class FastFoodL(WeightMatrix):
             m, d, learn=self.params["learn"],
         )
 
+    # The learnable protocol of rfbench.learning (the instance itself never changes).
+    def learnable_draw(self, m: int, d: int, *, generator: torch.Generator, device=None, dtype=torch.float32):
+        """``(tensors, build)``: the factors named in ``learn`` of the draw ``sample(m, d,
+        generator=...)`` gives, and ``build(tensors) -> W [m, d]`` (differentiable in them)."""
+        module = self.module(m, d, generator=generator, device=device, dtype=dtype)
+        start = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        return start, lambda tensors: torch.func.functional_call(module, tensors, ())
+
+    def trained_target(self, params=None):
+        """A trained W estimates a learned spectral kernel: no closed form (a TargetKernel without
+        log_kernel)."""
+        from rfbench.features.target import TargetKernel
+
+        return TargetKernel(LEARNED_TARGET, None)
+
     def _sample(self, m: int, d: int, generator: torch.Generator) -> WeightDraw:
         with torch.no_grad():
             W = self.module(m, d, generator=generator, dtype=torch.float64)()
         n = next_pow2(d)
-        notes = () if n == d else (FastFood()._pad_note(d, n, n),)
+        notes = () if n == d else (self._pad_note(d, n, n),)
         return WeightDraw(W.contiguous(), notes=notes)

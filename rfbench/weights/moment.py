@@ -28,7 +28,7 @@ class MomentMatching(WeightMatrix):
 
     name = "mm"
     unbiased = False
-    coupled = True
+    independent_rows = False
     description = "Gaussian rows whitened to mean 0, covariance I exactly; needs m > d; nearly unbiased"
     reference = "Shen et al., Random Features for Shift-Invariant Kernels with Moment Matching, AAAI 2017"
 

@@ -37,7 +37,7 @@ class ORF(WeightMatrix):
     """
 
     name = "orf"
-    coupled = True
+    independent_rows = False
     description = "block-orthogonal (Haar) rows with chi_d norms; unbiased"
     reference = "Yu et al., Orthogonal Random Features, NeurIPS 2016; Choromanski et al., ICLR 2021, Thm 2"
 

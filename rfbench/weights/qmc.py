@@ -44,7 +44,7 @@ class SobolQMC(WeightMatrix):
     """
 
     name = "qmc"
-    coupled = True
+    independent_rows = False
     description = "scrambled Sobol points through the normal inverse CDF (randomised QMC); unbiased"
     reference = "Yang, Sindhwani, Avron, Mahoney, Quasi-Monte Carlo Feature Maps, ICML 2014"
 
@@ -81,7 +81,7 @@ class HaltonQMC(WeightMatrix):
     """
 
     name = "halton"
-    coupled = True
+    independent_rows = False
     description = "scrambled Halton points through the normal inverse CDF (randomised QMC); unbiased"
     reference = "Yang, Sindhwani, Avron, Mahoney, ICML 2014; Owen, A randomized Halton algorithm in R, 2017"
 

@@ -62,7 +62,7 @@ class SimRF(WeightMatrix):
     """
 
     name = "simrf"
-    coupled = True
+    independent_rows = False
     description = "regular-simplex directions, Haar rotation, chi_d norms per d-block; unbiased"
     reference = "Reid, Choromanski, Likhosherstov, Weller, Simplex Random Features, ICML 2023"
 

@@ -71,23 +71,18 @@ class Row:
 # ----------------------------------------------------------------------------- providers
 def _posrf_params(args, device):
     import rfbench as rb
-    from rfbench.ops.params import from_estimator
 
     est = rb.make_estimator("posrf-orf", dim=args.dim, num_features=args.features, seed=0)
-    return from_estimator(est, {}, args.dim**-0.5).to(device=device)
+    return est.form({}, args.dim**-0.5).to(device=device)
 
 
-def _torch_features(x, fp, causal_keys: bool | None):
+def _torch_features(x, form, causal_keys: bool | None):
     """Plain torch PosRF features in x's dtype; query (None) or key (shared / prefix) stabiliser."""
-    W = fp.W.to(x.dtype)
-    log_phi = x @ W.T + fp.bias.to(x.dtype) + fp.coef * (x * x).sum(-1, keepdim=True)
-    if causal_keys is None:
-        c = log_phi.amax(-1, keepdim=True)
-    elif causal_keys:
-        c = torch.cummax(log_phi.amax(-1), dim=-1).values.unsqueeze(-1)
-    else:
-        c = log_phi.amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(log_phi - c)
+    from rfbench.ops.features.naive import log_features, stabiliser_constant
+
+    log_phi = log_features(x, form)
+    kind = "row" if causal_keys is None else "prefix" if causal_keys else "shared"
+    return torch.exp(log_phi - stabiliser_constant(log_phi, kind))
 
 
 def make_provider(name: str, args, device, dtype, causal: bool, config: dict):
@@ -98,11 +93,11 @@ def make_provider(name: str, args, device, dtype, causal: bool, config: dict):
     if reason:
         raise NotImplementedError(reason)
     if name in ("rfbench-triton", "torch-posrf", "fla"):
-        fp = _posrf_params(args, device)
+        form = _posrf_params(args, device)
     if name == "rfbench-triton":
-        return lambda q, k, v: ops.rf_attention(q, k, v, fp, causal, backend="triton", **config)
+        return lambda q, k, v: ops.rf_attention(q, k, v, form, causal, backend="triton", **config)
     if name == "torch-posrf":
-        return lambda q, k, v: ops.torch_rf_attention(q, k, v, fp, causal, dtype=q.dtype).to(q.dtype)
+        return lambda q, k, v: ops.torch_rf_attention(q, k, v, form, causal, dtype=q.dtype).to(q.dtype)
     if name == "sdpa":
         import torch.nn.functional as F
 
@@ -117,15 +112,15 @@ def make_provider(name: str, args, device, dtype, causal: bool, config: dict):
 
         def run(q, k, v):
             # fla takes [B, T, H, K]; its normalize=True divides by the running key sum itself.
-            pq, pk = _torch_features(q, fp, None), _torch_features(k, fp, causal)
+            pq, pk = _torch_features(q, form, None), _torch_features(k, form, causal)
             o, _ = chunk_linear_attn(*(t.transpose(1, 2) for t in (pq, pk, v)), scale=1.0, normalize=True)
             return o.transpose(1, 2)
 
         return run
     if name == "kernel-error":
         scale = args.dim**-0.25
-        fp1 = ops.from_estimator(_estimator(args)).to(device=device)
-        return lambda q, k, v: ops.kernel_error(q * scale, k * scale, fp1, backend="triton").sse
+        form1 = _estimator(args).form({}).to(device=device)
+        return lambda q, k, v: ops.kernel_error(q * scale, k * scale, form1, backend="triton").sse
     raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
 
 
@@ -149,11 +144,11 @@ def correctness_gate(args, device, dtype, causal) -> str:
     from rfbench import ops
     from rfbench.ops.testing import ATTENTION_TOL, rel_rms
 
-    fp = _posrf_params(args, device)
+    form = _posrf_params(args, device)
     L = 1000 if device.type == "cuda" else 40
     q, k, v = _inputs(args, L, device, dtype)
-    out = ops.rf_attention(q, k, v, fp, causal, backend="triton")
-    err = rel_rms(ops.torch_rf_attention(q, k, v, fp, causal), out.float())
+    out = ops.rf_attention(q, k, v, form, causal, backend="triton")
+    err = rel_rms(ops.torch_rf_attention(q, k, v, form, causal), out.float())
     if not err <= ATTENTION_TOL[dtype]:
         return f"correctness gate failed: relative RMS error {err:.2e} > {ATTENTION_TOL[dtype]:.0e}"
     return ""

@@ -20,7 +20,6 @@ import torch
 
 import rfbench as rb
 from rfbench import ops
-from rfbench.ops.params import from_estimator
 from rfbench.ops.testing import ATTENTION_TOL, assert_close
 
 
@@ -55,10 +54,10 @@ def test_cpu_linear_attention_beats_quadratic_reference(key, causal, speed_bound
     cfg = speed_bounds["cpu"][key]
     d = m = 64
     est = rb.make_estimator("posrf-iid", dim=d, num_features=m, seed=0)
-    fp = from_estimator(est, {}, d**-0.5)
+    form = est.form({}, d**-0.5)
     q, k, v = _qkv(cfg["L"], d)
     fast = lambda: est.attention(q, k, v, causal)  # noqa: E731
-    slow = lambda: ops.naive_rf_attention(q, k, v, fp, causal)  # noqa: E731
+    slow = lambda: ops.naive_rf_attention(q, k, v, form, causal)  # noqa: E731
     assert_close(key, slow(), fast(), ATTENTION_TOL[torch.float32])
     with timing.torch_threads(1):
         res = timing.side_by_side(fast, slow, cfg["repeats"])
@@ -72,13 +71,13 @@ def test_cpu_linear_attention_beats_quadratic_reference(key, causal, speed_bound
 def test_cpu_tiled_kernel_error_beats_dense(speed_bounds, timing):
     cfg = speed_bounds["cpu"]["kernel_error"]
     d = m = 64
-    fp = from_estimator(rb.make_estimator("posrf-iid", dim=d, num_features=m, seed=0))
+    form = rb.make_estimator("posrf-iid", dim=d, num_features=m, seed=0).form({})
 
     def pair(L):
         q, k, _ = _qkv(L, d)
         q, k = q * d**-0.25, k * d**-0.25
-        fast = lambda: ops.kernel_error(q, k, fp, backend="torch", tile=cfg["tile"])  # noqa: E731
-        slow = lambda: ops.naive_kernel_error(q, k, fp)  # noqa: E731
+        fast = lambda: ops.kernel_error(q, k, form, backend="torch", tile=cfg["tile"])  # noqa: E731
+        slow = lambda: ops.naive_kernel_error(q, k, form)  # noqa: E731
         return fast, slow
 
     fast, slow = pair(cfg["L"])
@@ -108,10 +107,10 @@ def test_gpu_fused_attention_beats_torch(key, causal, speed_bounds, timing):
     dtype = getattr(torch, cfg["dtype"])
     d = m = 64
     est = rb.make_estimator("posrf-orf", dim=d, num_features=4 * m)
-    fp = from_estimator(est, {}, d**-0.5).to(device="cuda")
+    form = est.form({}, d**-0.5).to(device="cuda")
     q, k, v = _qkv(cfg["L"], d, dtype, "cuda", heads=(1, 8))
-    fast = lambda: ops.rf_attention(q, k, v, fp, causal, backend="triton")  # noqa: E731
-    slow = lambda: ops.torch_rf_attention(q, k, v, fp, causal)  # noqa: E731
+    fast = lambda: ops.rf_attention(q, k, v, form, causal, backend="triton")  # noqa: E731
+    slow = lambda: ops.torch_rf_attention(q, k, v, form, causal)  # noqa: E731
     assert_close(key, slow(), fast().float(), ATTENTION_TOL[dtype])
     res = timing.side_by_side(fast, slow, cfg["repeats"], timer=timing.cuda_time)
     _report(f"gpu.{key}", res, cfg["max_ratio"])
@@ -122,11 +121,11 @@ def test_gpu_fused_attention_beats_torch(key, causal, speed_bounds, timing):
 def test_gpu_fused_kernel_error_beats_torch(speed_bounds, timing):
     cfg = speed_bounds["gpu"]["kernel_error"]
     d = 64
-    fp = from_estimator(rb.make_estimator("posrf-orf", dim=d, num_features=256)).to(device="cuda")
+    form = rb.make_estimator("posrf-orf", dim=d, num_features=256).form({}).to(device="cuda")
     q, k, _ = _qkv(cfg["L"], d, torch.float32, "cuda", heads=(1, 8))
     q, k = q * d**-0.25, k * d**-0.25
-    fast = lambda: ops.kernel_error(q, k, fp, backend="triton")  # noqa: E731
-    slow = lambda: ops.kernel_error(q, k, fp, backend="torch", tile=1024)  # noqa: E731
+    fast = lambda: ops.kernel_error(q, k, form, backend="triton")  # noqa: E731
+    slow = lambda: ops.kernel_error(q, k, form, backend="torch", tile=1024)  # noqa: E731
     torch.testing.assert_close(fast().sse, slow().sse, rtol=2e-2, atol=0)
     res = timing.side_by_side(fast, slow, cfg["repeats"], timer=timing.cuda_time)
     _report("gpu.kernel_error", res, cfg["max_ratio"])

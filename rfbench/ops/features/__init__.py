@@ -1,5 +1,5 @@
-"""Positive-family feature map fused with its stabiliser: ``naive`` (torch) and ``fused`` (Triton)."""
+"""Exponential feature map fused with its stabiliser: ``naive`` (torch) and ``fused`` (Triton)."""
 
-from rfbench.ops.features.naive import STABILISERS, naive_features, naive_log_features
+from rfbench.ops.features.naive import STABILISERS, log_features, naive_features, stabiliser_constant
 
-__all__ = ["STABILISERS", "naive_features", "naive_log_features"]
+__all__ = ["STABILISERS", "log_features", "naive_features", "stabiliser_constant"]

@@ -23,8 +23,8 @@ from rfbench.ops.common import (
     param_blocks,
 )
 from rfbench.ops.features.naive import STABILISERS
-from rfbench.ops.params import PositiveFeatures
-from rfbench.ops.utils import flatten, flatten_param
+from rfbench.ops.form import ExpForm
+from rfbench.ops.utils import flatten, flatten_param, refuse_signed
 
 ROW_MAX, MAX_ONLY, GIVEN = 0, 1, 2
 
@@ -73,12 +73,12 @@ def _features_kernel(
             )
 
 
-def _launch(x, fp, lead, mode, phi, c, block_l, block_f, precision, opts):
+def _launch(x, form, lead, mode, phi, c, block_l, block_f, precision, opts):
     N, L, d = x.shape
-    F = fp.feature_dim
-    W, s_wn = flatten_param(fp.W.to(device=x.device, dtype=torch.float32), lead, 2)
-    b, s_bn = flatten_param(fp.bias.to(device=x.device, dtype=torch.float32), lead, 1)
-    P = None if fp.P is None else fp.P.to(device=x.device, dtype=torch.float32)
+    F = form.feature_dim
+    W, s_wn = flatten_param(form.W.to(device=x.device, dtype=torch.float32), lead, 2)
+    b, s_bn = flatten_param(form.bias.to(device=x.device, dtype=torch.float32), lead, 1)
+    P = None if form.P is None else form.P.to(device=x.device, dtype=torch.float32)
     P, s_pn = flatten_param(P, lead, 2)
     Pt = P if P is not None else W  # any pointer; never read without HAS_P
     out = phi if phi is not None else c  # never written with MAX_ONLY
@@ -91,7 +91,7 @@ def _launch(x, fp, lead, mode, phi, c, block_l, block_f, precision, opts):
         Pt, s_pn, Pt.stride(-2), Pt.stride(-1),
         out, *(out.stride() if out.ndim == 3 else (out.stride(0), out.stride(1), 0)),
         c, *c.stride(),
-        L, F, d, float(fp.coef),
+        L, F, d, float(form.coef),
         MODE=mode, HAS_P=P is not None, BL=block_l, **blocks,
         **dot_config(x.dtype, precision, device=x.device),
         **opts,
@@ -100,7 +100,7 @@ def _launch(x, fp, lead, mode, phi, c, block_l, block_f, precision, opts):
 
 def fused_features(
     x: torch.Tensor,
-    fp: PositiveFeatures,
+    form: ExpForm,
     stabiliser: str = "row",
     *,
     out_dtype: torch.dtype = torch.float32,
@@ -114,25 +114,27 @@ def fused_features(
 
     Same contract as ``naive_features``: phi * exp(c) are the features on the true scale.
     """
+    refuse_signed(form)
     if stabiliser not in STABILISERS:
         raise ValueError(f"stabiliser must be one of {STABILISERS}, got {stabiliser!r}")
-    lead = torch.broadcast_shapes(x.shape[:-2], fp.lead_shape())
+    lead = torch.broadcast_shapes(x.shape[:-2], form.lead_shape())
     xf = flatten(x, lead)
     N, L, _ = xf.shape
-    F = fp.feature_dim
+    F = form.feature_dim
     phi = torch.empty(N, L, F, dtype=out_dtype, device=x.device)
     c = torch.empty(N, L, dtype=torch.float32, device=x.device)
     args = (block_l, block_f, precision, launch_options(num_warps, num_stages))
     if stabiliser == "row":
-        _launch(xf, fp, lead, ROW_MAX, phi, c, *args)
+        _launch(xf, form, lead, ROW_MAX, phi, c, *args)
     else:
         if stabiliser == "none":
             c.zero_()
         else:
-            _launch(xf, fp, lead, MAX_ONLY, None, c, *args)
+            _launch(xf, form, lead, MAX_ONLY, None, c, *args)
             if stabiliser == "shared":
                 c = c.amax(dim=-1, keepdim=True).expand(N, L).contiguous()
             else:
                 c = torch.cummax(c, dim=-1).values.contiguous()
-        _launch(xf, fp, lead, GIVEN, phi, c, *args)
+            c = c.masked_fill(c == float("-inf"), 0.0)  # all-zero features so far: 0, as stabiliser_constant
+        _launch(xf, form, lead, GIVEN, phi, c, *args)
     return phi.reshape(*lead, L, F), c.reshape(*lead, L, 1)

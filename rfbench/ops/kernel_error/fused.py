@@ -21,9 +21,9 @@ import triton.language as tl
 
 from rfbench.ops.common import launch_options, load_tile
 from rfbench.ops.features.fused import fused_features
+from rfbench.ops.form import ExpForm
 from rfbench.ops.kernel_error.naive import KernelErrorSums
-from rfbench.ops.params import PositiveFeatures
-from rfbench.ops.utils import flatten, next_pow2
+from rfbench.ops.utils import flatten, next_pow2, refuse_signed
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _kernel_error_kernel(
 def fused_kernel_error(
     q: torch.Tensor,
     k: torch.Tensor,
-    fp: PositiveFeatures,
+    form: ExpForm,
     tq: torch.Tensor | None = None,
     tk: torch.Tensor | None = None,
     *,
@@ -89,24 +89,25 @@ def fused_kernel_error(
     num_stages: int | None = None,
 ) -> KernelErrorSums:
     """Same contract as ``naive_kernel_error`` (tq, tk: inputs of the target kernel, default q, k)."""
+    refuse_signed(form)
     tq = q if tq is None else tq
     tk = k if tk is None else tk
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], tq.shape[:-2], tk.shape[:-2], fp.lead_shape())
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], tq.shape[:-2], tk.shape[:-2], form.lead_shape())
     qf, kf, tqf, tkf = (flatten(t, lead) for t in (q, k, tq, tk))
     N, Lq, d = qf.shape
     Lk, dt = kf.shape[1], tqf.shape[2]
-    F = fp.feature_dim
+    F = form.feature_dim
     if precision is None:
         precision = "tf32" if q.device.type == "cuda" else "ieee"
-    # fp with per-index parameters is flattened over the same lead; slice both alike per group.
-    fpf = _flatten_params(fp, lead)
+    # form with per-index parameters is flattened over the same lead; slice both alike per group.
+    formf = _flatten_params(form, lead)
     sums = torch.empty(N, Lq, 3, dtype=torch.float32, device=q.device)
     group = max(1, max_feature_bytes // (4 * F * (Lq + Lk)))  # float32 features of both sides
     for g0 in range(0, N, group):
         sl = slice(g0, min(g0 + group, N))
-        fpg = _slice_params(fpf, sl)
-        pq, cq = fused_features(qf[sl], fpg, "row", num_warps=num_warps, num_stages=num_stages)
-        pk, ck = fused_features(kf[sl], fpg, "row", num_warps=num_warps, num_stages=num_stages)
+        formg = _slice_params(formf, sl)
+        pq, cq = fused_features(qf[sl], formg, "row", num_warps=num_warps, num_stages=num_stages)
+        pk, ck = fused_features(kf[sl], formg, "row", num_warps=num_warps, num_stages=num_stages)
         cq, ck = cq.squeeze(-1), ck.squeeze(-1)
         tqs, tks, out = tqf[sl], tkf[sl], sums[sl]
         _kernel_error_kernel[(sl.stop - sl.start, triton.cdiv(Lq, block_q))](
@@ -120,20 +121,20 @@ def fused_kernel_error(
     return KernelErrorSums(total[..., 0], total[..., 1], total[..., 2], count=Lq * Lk)
 
 
-def _flatten_params(fp: PositiveFeatures, lead: torch.Size) -> PositiveFeatures:
-    """fp with leading dims either absent (shared) or flattened to ``[N, ...]``."""
-    if len(fp.lead_shape()) == 0:
-        return fp
-    W = flatten(fp.W, lead)
-    bias = flatten(fp.bias.unsqueeze(-2), lead).squeeze(-2)
-    P = None if fp.P is None else flatten(fp.P, lead)
-    return PositiveFeatures(W, bias, fp.coef, P)
+def _flatten_params(form: ExpForm, lead: torch.Size) -> ExpForm:
+    """form with leading dims either absent (shared) or flattened to ``[N, ...]``."""
+    if len(form.lead_shape()) == 0:
+        return form
+    W = flatten(form.W, lead)
+    bias = flatten(form.bias.unsqueeze(-2), lead).squeeze(-2)
+    P = None if form.P is None else flatten(form.P, lead)
+    return ExpForm(W, bias, form.coef, P)
 
 
-def _slice_params(fp: PositiveFeatures, sl: slice) -> PositiveFeatures:
-    if fp.W.ndim == 2 and fp.bias.ndim == 1 and (fp.P is None or fp.P.ndim == 2):
-        return fp
-    P = None if fp.P is None else (fp.P[sl] if fp.P.ndim == 3 else fp.P)
-    W = fp.W[sl] if fp.W.ndim == 3 else fp.W
-    bias = fp.bias[sl] if fp.bias.ndim == 2 else fp.bias
-    return PositiveFeatures(W, bias, fp.coef, P)
+def _slice_params(form: ExpForm, sl: slice) -> ExpForm:
+    if form.W.ndim == 2 and form.bias.ndim == 1 and (form.P is None or form.P.ndim == 2):
+        return form
+    P = None if form.P is None else (form.P[sl] if form.P.ndim == 3 else form.P)
+    W = form.W[sl] if form.W.ndim == 3 else form.W
+    bias = form.bias[sl] if form.bias.ndim == 2 else form.bias
+    return ExpForm(W, bias, form.coef, P)

@@ -44,8 +44,8 @@ from rfbench.ops.common import (
     norm_term,
     param_blocks,
 )
-from rfbench.ops.params import PositiveFeatures
-from rfbench.ops.utils import flatten, flatten_param, next_pow2
+from rfbench.ops.form import ExpForm
+from rfbench.ops.utils import flatten, flatten_param, next_pow2, refuse_signed
 
 
 @triton.jit
@@ -211,10 +211,10 @@ def _output_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-def _param_args(fp: PositiveFeatures, lead: torch.Size, device) -> tuple[list, bool]:
-    W, s_wn = flatten_param(fp.W.to(device=device, dtype=torch.float32), lead, 2)
-    b, s_bn = flatten_param(fp.bias.to(device=device, dtype=torch.float32), lead, 1)
-    P = None if fp.P is None else fp.P.to(device=device, dtype=torch.float32)
+def _param_args(form: ExpForm, lead: torch.Size, device) -> tuple[list, bool]:
+    W, s_wn = flatten_param(form.W.to(device=device, dtype=torch.float32), lead, 2)
+    b, s_bn = flatten_param(form.bias.to(device=device, dtype=torch.float32), lead, 1)
+    P = None if form.P is None else form.P.to(device=device, dtype=torch.float32)
     P, s_pn = flatten_param(P, lead, 2)
     Pt = P if P is not None else W  # a valid pointer, never read without HAS_P
     args = [W, s_wn, W.stride(-2), W.stride(-1), b, s_bn, b.stride(-1)]
@@ -234,7 +234,7 @@ def fused_rf_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    fp: PositiveFeatures,
+    form: ExpForm,
     causal: bool = False,
     *,
     block_t: int = 64,
@@ -247,24 +247,25 @@ def fused_rf_attention(
     """Random-feature attention with fused positive features; ``[..., Lq, dv]`` in v's dtype.
 
     q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` (same dtype: fp32, bf16 or fp16),
-    leading dims broadcast with each other and with ``fp``'s. Causal needs Lq == Lk and uses
+    leading dims broadcast with each other and with ``form``'s. Causal needs Lq == Lk and uses
     chunks of ``block_t`` tokens. ``splits`` (non-causal): how many programs share the keys
     of one (batch, head) and feature tile; default fills the GPU. Accumulation is float32.
     ``block_f``, ``num_warps``, ``num_stages``: tuning knobs (not tuned on a GPU yet).
     """
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], fp.lead_shape())
+    refuse_signed(form)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], form.lead_shape())
     qf, kf, vf = flatten(q, lead), flatten(k, lead), flatten(v, lead)
     N, Lq, d = qf.shape
     Lk, dv = kf.shape[1], vf.shape[2]
-    F = fp.feature_dim
+    F = form.feature_dim
     dev = q.device
     blocks = param_blocks(d, F, block_f)
     BF, BV = blocks["BF"], next_pow2(dv)
     n_ftiles = triton.cdiv(F, BF)
     dots = dot_config(q.dtype, precision, device=q.device)
-    pargs, has_p = _param_args(fp, lead, dev)
+    pargs, has_p = _param_args(form, lead, dev)
     consts = {"HAS_P": has_p, **blocks, "BV": BV, **dots}
-    coef = float(fp.coef)
+    coef = float(form.coef)
     out = torch.empty(N, Lq, dv, dtype=v.dtype, device=dev)
     opts = launch_options(num_warps, num_stages)
 
