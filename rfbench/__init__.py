@@ -44,7 +44,7 @@ def __getattr__(name):
 
         return getattr(learning, name)
     if name == "load_results":
-        from rfbench.suite.store import load_results
+        from rfbench.results import load_results
 
         return load_results
     raise AttributeError(f"module 'rfbench' has no attribute {name!r}")

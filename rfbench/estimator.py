@@ -10,7 +10,7 @@ Stabilisers used (each exact; ``rfbench.ops.features.naive.stabiliser_constant``
   multiplies it back;
 - one constant shared by all keys (their global max log-feature) is removed; it scales every
   term of a row alike, so it cancels too. A per-key constant would not cancel (the defect of
-  the Spectraformer code, ALGORITHMS.md section 0a).
+  the Spectraformer code, docs/theory.md §0a).
 - causal attention uses the prefix max over keys s <= t as query t's key constant, so no
   output depends on a future token, not even through rounding or underflow.
 - ``kernel()`` normalises nothing, so it uses a per-key constant too and puts both constants

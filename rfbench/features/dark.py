@@ -3,7 +3,7 @@
 DARKFormer (Farzam, Mobahi, Miller, Sernau, "DARKFormer: Data-Aware Random Feature Kernel for
 Transformers", arXiv 2603.04127, 2026). Paper-derived, no official code: only the abstract is
 public; equation and theorem numbers below are those cited by the third-party
-darkformer-pytorch README, and the formulas are re-derived in ALGORITHMS.md section 3.
+darkformer-pytorch README, and the formulas are re-derived in docs/theory.md §3.
 
 Both maps work on transformed inputs x' = M x with M ``[..., d, d]`` (``[d, d]`` or one per
 leading index, e.g. per head). Second moments of the data are taken about the origin, the

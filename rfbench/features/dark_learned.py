@@ -1,7 +1,7 @@
 """DARK with a learned transform M: the DARKFormer kernel learner ("darkl").
 
 DARKFormer (Farzam, Mobahi, Miller, Sernau, arXiv 2603.04127, 2026) learns the projection
-covariance Sigma = M^T M end to end. Paper-derived, no official code (ALGORITHMS.md section 3).
+covariance Sigma = M^T M end to end. Paper-derived, no official code (docs/theory.md §3).
 The features use omega = M^T w with w a weight-matrix row (N(0, I) marginal), so omega ~ N(0, Sigma).
 Two readings of the paper are offered (``mode``):
 

@@ -3,7 +3,7 @@
 Likhosherstov, Choromanski, Dubey, Liu, Sarlos, Weller, "Dense-Exponential Random Features:
 Sharp Positive Estimators of the Gaussian Kernel", NeurIPS 2023 (arXiv 2302.00787; "FAVOR#").
 A general DERF is f_k(omega, x) = D exp(omega^T A omega + omega^T B_k x + x^T C_k x),
-omega ~ N(0, I); it is unbiased for exp(x . y) when (ALGORITHMS.md 1.8, derived)
+omega ~ N(0, I); it is unbiased for exp(x . y) when (docs/theory.md §1.8, derived)
     8A < I,  B_1^T (I - 4A)^-1 B_2 = I,  C_k = -1/2 B_k^T (I - 4A)^-1 B_k,  D = det(I - 4A)^(1/4).
 """
 
@@ -27,7 +27,7 @@ PSI4_RANGE = (1e-12, 1e12)
 def saderf_psi(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Psi* ``[..., 1, d]`` (diagonal): Psi_l = (mean_j k_jl^2 / mean_i q_il^2)^(1/4).
 
-    Minimises sum_ij |Psi q_i + Psi^-1 k_j|^2 (ALGORITHMS.md 1.8). With Lq = Lk this is the paper's
+    Minimises sum_ij |Psi q_i + Psi^-1 k_j|^2 (docs/theory.md §1.8). With Lq = Lk this is the paper's
     (sum_j k_jl^2 / sum_i q_il^2)^(1/4); with Lq != Lk the minimiser uses means, as here.
     Queries are multiplied by Psi and keys by Psi^-1 (google-research's exparf applies the inverse).
     """
@@ -43,7 +43,7 @@ class SADERF(FeatureMap):
     f1(omega, x) = f_GE(omega, Psi x), f2(omega, y) = f_GE(omega, Psi^-1 y); since
     (Psi x) . (Psi^-1 y) = x . y it is unbiased for exp(x . y) for any positive Psi. Psi = Psi*
     (``saderf_psi``) per leading index, then A = the OPRF A* for the mean |Psi q_i + Psi^-1 k_j|^2
-    of the rescaled data. Var1 = the GERF Var1 at (Psi x, Psi^-1 y) (FAVOR#, SADERF; ALGORITHMS.md 1.8).
+    of the rescaled data. Var1 = the GERF Var1 at (Psi x, Psi^-1 y) (FAVOR#, SADERF; docs/theory.md §1.8).
     """
 
     name = "saderf"
@@ -69,7 +69,7 @@ class SADERF(FeatureMap):
 
 
 def sderf_fit(q: torch.Tensor, k: torch.Tensor) -> Params:
-    """SDERF parameters ``{"Q": [..., d, d], "a": [..., 1, d]}`` (derived from ALGORITHMS.md 1.8).
+    """SDERF parameters ``{"Q": [..., d, d], "a": [..., 1, d]}`` (derived from docs/theory.md §1.8).
 
     P = mean_ij (q_i + k_j)(q_i + k_j)^T = M_q + M_k + mu_q mu_k^T + mu_k mu_q^T (second moments M,
     means mu), P = Q diag(sigma) Q^T, and a_l = the 1-d OPRF A* at rho = sigma_l.
@@ -91,13 +91,13 @@ class SDERF(FeatureMap):
     conditions hold, so the estimate is unbiased for every orthogonal Q and every a_l < 1/8. It is a
     GERF with one A per coordinate of the rotated inputs Q^T x:
         log f = sum_l [a_l omega_l^2 + sqrt(1 - 4 a_l) omega_l (Q^T x)_l + (1/4) log(1 - 4 a_l)] - |x|^2/2.
-    Per pair, with t = Q^T (x + y) (derived from the DERF second moment of ALGORITHMS.md 1.8):
+    Per pair, with t = Q^T (x + y) (derived from the DERF second moment of docs/theory.md §1.8):
         Var1 = e^(2 x.y) expm1(sum_l [log(1 - 4 a_l) - 1/2 log(1 - 8 a_l) + t_l^2 / (1 - 8 a_l)]).
     Fit (``sderf_fit``): the mean of that expm1 argument over the query-key pairs is
     sum_l [log(1 - 4 a_l) - 1/2 log(1 - 8 a_l) + sigma_l / (1 - 8 a_l)], sigma = diag(Q^T P Q), whose
     minimum over a_l is the OPRF A* at rho = sigma_l; that minimum is concave in sigma_l, so over Q
-    it is smallest at the eigenvectors of P (Schur-Horn). This is the construction ALGORITHMS.md 1.8
-    reads in google-research's ``expsharp_softmax_kernel_transformation`` (FAVOR# SDERF), re-derived
+    it is smallest at the eigenvectors of P (Schur-Horn). This construction (docs/theory.md §1.8) is
+    in google-research's ``expsharp_softmax_kernel_transformation`` (FAVOR# SDERF), re-derived
     here, not ported. Costs one d x d eigendecomposition per leading index (O(d^3)).
     """
 

@@ -1,6 +1,6 @@
 """Discretely-induced random features (DIRF): PoisRF and GeomRF (Chefs' Random Tables).
 
-CRT (Likhosherstov et al., NeurIPS 2022, arXiv 2205.15317), DIRF; ALGORITHMS.md 1.7. Expand
+CRT (Likhosherstov et al., NeurIPS 2022, arXiv 2205.15317), DIRF; docs/theory.md §1.7. Expand
 exp(x . y) = prod_l sum_k (x_l y_l)^k / k! and draw omega in Z_{>=0}^d from a product law p:
     f(omega, x) = prod_l x_l^omega_l / sqrt(omega_l! p_l(omega_l)),   the same map on both sides,
 so E[f(omega, x) f(omega, y)] = prod_l sum_k (x_l y_l)^k / k! = exp(x . y) for any p with full
@@ -104,7 +104,7 @@ class _DIRF(FeatureMap):
 class PoisRF(_DIRF):
     """Poisson DIRF: omega_l ~ Poisson(lambda_l), f = prod_l e^(lambda_l / 2) (x_l / sqrt(lambda_l))^omega_l.
 
-    One-sample variance (ALGORITHMS.md 1.7, derived):
+    One-sample variance (docs/theory.md §1.7, derived):
         Var1 = prod_l exp(lambda_l + x_l^2 y_l^2 / lambda_l) - e^(2 x.y).
     lambda (param ``lam``): None (default) fits lambda_l = sqrt(mean_i q_il^2 * mean_j k_jl^2) per
     leading index, the minimiser of the pair-averaged log second moment
@@ -197,7 +197,7 @@ def geom_p_star(s: torch.Tensor, iters: int = 60) -> torch.Tensor:
 class GeomRF(_DIRF):
     """Geometric DIRF: omega_l ~ Geom(p_l) on {0, 1, ...}, f = prod_l x_l^w_l / sqrt(w_l! p_l (1 - p_l)^w_l).
 
-    Second moment (ALGORITHMS.md 1.7, derived; I0 is the *modified* Bessel function):
+    Second moment (docs/theory.md §1.7, derived; I0 is the *modified* Bessel function):
         E[(f1 f2)^2] = prod_l I0(2 |x_l y_l| / sqrt(1 - p_l)) / p_l,   Var1 = that - e^(2 x.y).
     p (param ``p``): None (default) fits p_l = ``geom_p_star``(sqrt(mean_i q_il^2 * mean_j k_jl^2))
     per leading index, the exact optimum for a single pair and a plug-in for many (log I0 is not

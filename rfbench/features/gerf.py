@@ -6,7 +6,7 @@ arXiv 2205.15317), section 3. With omega ~ N(0, I_d), s in {-1, +1} and a real A
     f1(omega, x) = D exp(A |omega|^2 + B omega . x + C |x|^2)
     f2(omega, y) = D exp(A |omega|^2 + s B omega . y + C |y|^2)
 
-For the softmax kernel exp(x . y) (ALGORITHMS.md 1.5, derived): B = sqrt(s (1 - 4A)),
+For the softmax kernel exp(x . y) (docs/theory.md §1.5, derived): B = sqrt(s (1 - 4A)),
 C = -s/2 and D = (1 - 4A)^(d/4). C = -(s + 1)/2 is the *Gaussian*-kernel constant; using it
 for softmax multiplies every key by exp(-|k|^2/2) (the Spectraformer defect of section 0a).
 
@@ -46,7 +46,7 @@ def check_A(value, owner: str) -> float:
 
 
 def oprf_a_star(rho: torch.Tensor) -> torch.Tensor:
-    """Variance-minimising GERF A for rho = |x + y|^2 / d (CRT, OPRF; ALGORITHMS.md 1.6).
+    """Variance-minimising GERF A for rho = |x + y|^2 / d (CRT, OPRF; docs/theory.md §1.6).
 
     A* = (1/16)(1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)), the negative root of
     16 A^2 - (2 - 4 rho) A - rho = 0 (the stationarity condition of the GERF variance). Evaluated
@@ -60,7 +60,7 @@ def mean_pair_sq_norm(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mean over all Lq x Lk pairs of |q_i + k_j|^2, in O(L d): ``[..., 1, 1]``.
 
     mean |q_i + k_j|^2 = mean |q_i|^2 + mean |k_j|^2 + 2 (mean q) . (mean k) (CRT homogeneity
-    heuristic, ALGORITHMS.md 1.6), per leading index (batch element, head).
+    heuristic, docs/theory.md §1.6), per leading index (batch element, head).
     """
     cross = (q.mean(dim=-2, keepdim=True) * k.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True)
     phi = sq_norm(q).mean(dim=-2, keepdim=True) + sq_norm(k).mean(dim=-2, keepdim=True) + 2 * cross
@@ -86,7 +86,7 @@ class GERF(FeatureMap):
 
     f(omega, x) = (1 - 4A)^(d/4) exp(A |omega|^2 + sqrt(1 - 4A) omega . x - |x|^2 / 2), the same
     map on both sides. Unbiased for exp(x . y) for every A < 1/4. One-sample variance
-    (ALGORITHMS.md 1.5, derived and checked by Monte Carlo in tests/test_theory.py):
+    (docs/theory.md §1.5, derived and checked by Monte Carlo in tests/test_theory.py):
         Var1 = (1 - 4A)^d (1 - 8A)^(-d/2) exp(2 (1 - 4A) |x + y|^2 / (1 - 8A) - |x|^2 - |y|^2) - e^(2 x.y)
              = e^(2 x.y) expm1(d log(1 - 4A) - (d/2) log(1 - 8A) + |x + y|^2 / (1 - 8A)).
 
@@ -149,7 +149,7 @@ class OPRF(FeatureMap):
     """Optimal positive random features (FAVOR++): GERF s = +1 with A = A*(rho) fitted to the data.
 
     rho = phi / d, phi = the mean of |q_i + k_j|^2 over all Lq x Lk query-key pairs, computed in
-    O(L d) per leading index (CRT homogeneity heuristic; ALGORITHMS.md 1.6), and
+    O(L d) per leading index (CRT homogeneity heuristic; docs/theory.md §1.6), and
     A* = (1/16)(1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)) <= 0 (``oprf_a_star``), the exact
     minimiser of the GERF Var1 for a pair with |x + y|^2 = phi. Positive and bounded features;
     unbiased given A (A depends on the data, not on omega).

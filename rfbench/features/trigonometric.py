@@ -13,7 +13,7 @@ class TrigRF(FeatureMap):
 
     Two features per omega; f(x) . f(y) = exp((|x|^2 + |y|^2) / 2) cos(omega . (x - y)), whose
     mean is exp(x . y) (the Gaussian characteristic function), so the estimate is unbiased.
-    One-sample variance (Choromanski et al., ICLR 2021, Lemma 2; ALGORITHMS.md 1.1):
+    One-sample variance (Choromanski et al., ICLR 2021, Lemma 2; docs/theory.md §1.1):
         Var1 = 1/2 exp(|x + y|^2) SM(x, y)^-2 (1 - exp(-|x - y|^2))^2
              = exp(2 x.y) (cosh(|x - y|^2) - 1),
     large where SM is small (x ~ -y), which makes attention denominators unstable.

@@ -23,7 +23,7 @@ from rfbench.results.meta import META_FILE, Meta, read_meta
 from rfbench.results.schema import STATUSES as STATUSES  # best to worst; re-exported for the report
 from rfbench.results.schema import column
 
-#: Key columns of a cell, besides the estimator identity (schema: RESULTS_SCHEMA.md).
+#: Key columns of a cell, besides the estimator identity (schema: docs/results.md).
 SLICE_KEYS = ("data", "seq_len", "num_features", "dim", "batch", "heads", "causal", "dtype", "device")
 IDENTITY = ("kind", "estimator", "feature_map", "weight_matrix")
 

@@ -297,15 +297,10 @@ def _target_output(est, ctx: Context, causal: bool, cache: list) -> torch.Tensor
     parameters share one reference (kept in ``cache``).
     """
     from rfbench.learning import target_attention
-    from rfbench.metrics import _same_params
+    from rfbench.metrics import same_target
 
     for other, ref in cache:
-        if (
-            type(other.feature_map) is type(est.feature_map)
-            and other.target == est.target
-            and getattr(other.weight_matrix, "fitted_", False) == getattr(est.weight_matrix, "fitted_", False)
-            and _same_params(other.params_, est.params_)
-        ):
+        if same_target(other, est):
             return ref
     ref = target_attention(est, ctx.q, ctx.k, ctx.v, scale=ctx.scale, causal=causal, dtype=torch.float64)
     cache.append((est, ref))

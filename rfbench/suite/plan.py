@@ -226,8 +226,8 @@ def learnable(spec: EstimatorSpec) -> bool:
     from rfbench import registry
 
     return bool(
-        getattr(registry.feature_map_class(spec.feature_map), "learnable", False)
-        or getattr(registry.weight_matrix_class(spec.weight_matrix), "learnable", False)
+        registry.feature_map_class(spec.feature_map).learnable
+        or registry.weight_matrix_class(spec.weight_matrix).learnable
     )
 
 

@@ -83,7 +83,7 @@ def run(args) -> pd.DataFrame:
                         est, res = copy.deepcopy(fitted[0]).redraw(seed), fitted[1]
                     else:
                         res = fit_estimator(est, qf, kf, vf, cfg, scale=scale, progress=False)
-                        if getattr(est.feature_map, "learnable", False) and cfg.seed is not None:
+                        if est.feature_map.learnable and cfg.seed is not None:
                             fitted = (est, res)
                     with torch.no_grad():
                         out = est.attention(qh, kh, vh, scale=scale)
