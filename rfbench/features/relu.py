@@ -94,7 +94,7 @@ class ReLU(FeatureMap):
 def relu_variance(fm, x, y, fit) -> torch.Tensor:
     """Var1 = 2 k_2(x, y) - k_1(x, y)^2 for x, y ``[..., d]`` -> ``[...]``: the one-sample second moment
     is 4 E[relu(w.x)^2 relu(w.y)^2] = 2 k_2 (Cho & Saul 2009, Eq. 1 and 6 with n = 2). Monte-Carlo
-    checked in tests/test_relu.py. The protocol is rfbench.theory's."""
+    checked in tests/features/test_relu.py. The protocol is rfbench.theory's."""
     nx, ny, cos = _norms_and_cos(x, y, pairs=False)
     k1 = nx * ny * arccos_j1(cos) / math.pi
     k2 = (nx * ny) ** 2 * arccos_j2(cos) / math.pi

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-# Worst case measured over tests/test_ops_rf_attention.py's grid (interpreter, which rounds
+# Worst case measured over tests/ops/test_ops_rf_attention.py's grid (interpreter, which rounds
 # half-precision operands like a tensor core), then a margin of 4-15x:
 # fp32 6.4e-7 (summation order; "tf32x3" products on a GPU add ~1e-6); bf16 3.1e-3 (the
 # operands of the phi x state products and the output rounded to 8 bits, 2^-9 relative each);
 # fp16 3.4e-4 (11 bits).
 ATTENTION_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
-# Features on the true scale (tests/test_ops_features.py's grid). log-features reach ~20, so
+# Features on the true scale (tests/ops/test_ops_features.py's grid). log-features reach ~20, so
 # float32 rounding of the logit alone is ~1e-6 relative on a feature: fp32 2.3e-6 measured
 # (GPU "tf32x3" about doubles it); the split projection leaves bf16 1.6e-5, fp16 2.5e-6.
 FEATURE_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-4, torch.float16: 2e-5}

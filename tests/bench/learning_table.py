@@ -78,7 +78,7 @@ def run(args) -> pd.DataFrame:
                     est = make_estimator(name, cap.dim, m, seed=seed, **params)
                     if fitted is not None:
                         # darkl: training randomness comes from cfg.seed, not the estimator's seed, so
-                        # the fit is the same for every seed (tests/test_learning.py checks this);
+                        # the fit is the same for every seed (tests/learning/test_learning.py checks this);
                         # only the measured draw changes.
                         est, res = copy.deepcopy(fitted[0]).redraw(seed), fitted[1]
                     else:

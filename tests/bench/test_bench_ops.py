@@ -43,7 +43,7 @@ def test_bench_cpu_attention(run_bench, impl, causal, L):
     if impl == "estimator":
         fn = lambda: est.attention(q, k, v, causal)  # noqa: E731
         assert_close(impl, ops.naive_rf_attention(q, k, v, form, causal), fn(), ATTENTION_TOL[torch.float32])
-    else:  # the reference itself (tested against Estimator.attention in float64: tests/test_ops_form.py)
+    else:  # the reference itself (tested against Estimator.attention in float64: tests/ops/test_ops_form.py)
         fn = lambda: ops.naive_rf_attention(q, k, v, form, causal)  # noqa: E731
     run_bench(fn, L=L, m=M, d=D, causal=causal)
 

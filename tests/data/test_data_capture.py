@@ -19,7 +19,7 @@ from rfbench.cli import main_entry
 from rfbench.data.io import load_bundled, load_capture
 from rfbench.errors import DataError
 
-SAMPLES = Path(__file__).resolve().parent.parent / "rfbench" / "data" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "rfbench" / "data" / "samples"
 TEXT = (
     "Random features replace the softmax kernel by an inner product of feature maps. "
     "The queries and keys of a trained model are far from isotropic, which is why the "
