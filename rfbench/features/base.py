@@ -119,12 +119,6 @@ class FeatureMap:
         """The kernel phi(q) . phi(k) estimates, at fitted ``params``; SOFTMAX unless a map says otherwise."""
         return SOFTMAX
 
-    def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
-        """Map x so that the target kernel is exp(T(q) . T(k)); identity for the softmax kernel.
-
-        Kept for the transition of callers to ``target_kernel``."""
-        return x
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"

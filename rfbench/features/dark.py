@@ -203,10 +203,6 @@ class DARK(FeatureMap):
             raise EstimatorError("dark with whitening needs fitted parameters: call est.fit(q, k) first")
         return params["M"]
 
-    def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
-        """M x: the target is exp((Mq) . (Mk)) = exp(q^T Sigma k)."""
-        return _apply(self.transform(params), x)
-
     def target_kernel(self, params: Params) -> TargetKernel:
         """exp((Mq) . (Mk)) = exp(q^T Sigma k) with the fixed or fitted M."""
         return transformed_softmax(self.target, self.transform(params))
@@ -255,9 +251,6 @@ class DARKIS(FeatureMap):
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._M is None else _apply(self._M, x)
-
-    def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
-        return self._transform(x)
 
     def target_kernel(self, params: Params) -> TargetKernel:
         """exp(q . k), or exp((Mq) . (Mk)) with a fixed transform M."""

@@ -190,12 +190,6 @@ class DARKLearned(FeatureMap):
         M = self.transform(params)
         return M.transpose(-1, -2) @ M
 
-    def target_transform(self, x: torch.Tensor, params: Params, is_query: bool) -> torch.Tensor:
-        """M x for the aligned kernel exp((Mq) . (Mk)); identity in mode "is" (target exp(q . k))."""
-        if self.params["mode"] == "is":
-            return x
-        return x @ self.transform(params).to(device=x.device, dtype=x.dtype).transpose(-1, -2)
-
     def target_kernel(self, params: Params) -> TargetKernel:
         """exp((Mq) . (Mk)) at the fitted M (mode "aligned"); exp(q . k) in mode "is"."""
         if self.params["mode"] == "is":

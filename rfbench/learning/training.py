@@ -117,18 +117,14 @@ def _cast(est: EstimatorLike, x: torch.Tensor) -> torch.Tensor:
 def target_inputs(est: EstimatorLike, q: torch.Tensor, k: torch.Tensor, *, scale: float):
     """``(q', k')`` with target kernel exp(q' . k') for the inputs at ``scale``, or None.
 
-    q' = T(q * scale**0.5) with T the feature map's ``target_transform`` (identity for the softmax
-    kernel, M x for DARK): the exponential-family special case of ``est.target_kernel``. None
-    when the estimator's target has no closed form (a trained FastFood-L: a learned spectral
-    kernel). Data-dependent estimators must be fitted at ``scale``.
+    ``est.target_kernel.exponential_inputs`` of q * scale**0.5 and k * scale**0.5: themselves for
+    the softmax kernel, (Mq, Mk) for DARK's exp(q^T M^T M k). None when the target is not of that
+    form (an arc-cosine kernel) or has no closed form (a trained FastFood-L's learned kernel).
+    Data-dependent estimators must be fitted at ``scale``.
     """
-    if est.target_kernel.log_kernel is None:
-        return None
+    _fitted_params(est, scale, "target_inputs")
     s = math.sqrt(scale)
-    qs, ks = _cast(est, q) * s, _cast(est, k) * s
-    params = _fitted_params(est, scale, "target_inputs")
-    fm = est.feature_map
-    return fm.target_transform(qs, params, True), fm.target_transform(ks, params, False)
+    return est.target_kernel.exponential_inputs(_cast(est, q) * s, _cast(est, k) * s)
 
 
 def _fitted_params(est: EstimatorLike, scale: float, what: str) -> dict:

@@ -80,14 +80,15 @@ def test_dark_fixed_sigma_is_unbiased_for_sigma_kernel_and_matches_closed_form_m
     assert abs(float(r.mean()) - 1) < Z * float(r.std()) / math.sqrt(n_seeds)
 
 
-def test_dark_target_transform_gives_exact_sigma_kernel():
+def test_dark_target_inputs_give_exact_sigma_kernel():
     d = 5
     sigma = _spd(d, seed=11)
     fm = DARK(sigma=sigma)
     q = torch.randn(3, d, generator=_gen(0), dtype=F64)
     k = torch.randn(6, d, generator=_gen(1), dtype=F64)
-    tq, tk = fm.target_transform(q, {}, True), fm.target_transform(k, {}, False)
+    tq, tk = fm.target_kernel({}).exponential_inputs(q, k)
     torch.testing.assert_close(tq @ tk.T, q @ sigma @ k.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fm.target_kernel({}).log_kernel(q, k), q @ sigma @ k.T, rtol=1e-12, atol=1e-12)
 
 
 def test_declared_target_kernels():
@@ -153,7 +154,7 @@ def test_whitening_makes_transformed_second_moment_s2_identity():
         M = est.params_["M"]
         assert M.shape == (2, 3, d, d)
         fm = est.feature_map
-        tq, tk = fm.target_transform(q, est.params_, True), fm.target_transform(k, est.params_, False)
+        tq, tk = fm.target_kernel(est.params_).exponential_inputs(q, k)
         x = torch.cat([tq, tk], dim=-2)
         second = x.transpose(-1, -2) @ x / x.shape[-2]
         expected = s**2 * torch.eye(d, dtype=F64).expand(2, 3, d, d)

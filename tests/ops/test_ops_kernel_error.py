@@ -56,7 +56,9 @@ def test_target_inputs_for_the_dark_kernel():
     M = torch.eye(8, dtype=F64) + 0.3 * A
     est = rb.make_estimator("dark-iid", dim=8, num_features=32, seed=0, dtype=F64, feature_params={"M": M})
     q, k = _x(12, 8, seed=5).double(), _x(15, 8, seed=6).double()
-    sums = ops.kernel_error(q, k, est.form({}), q @ M.T, k @ M.T)
+    tq, tk = est.target_kernel.exponential_inputs(q, k)
+    torch.testing.assert_close(tq, q @ M.T)
+    sums = ops.kernel_error(q, k, est.form({}), tq, tk)
     target = torch.exp((q @ M.T) @ (k @ M.T).T)
     torch.testing.assert_close(est.target_kernel.log_kernel(q, k).exp(), target)
     torch.testing.assert_close(sums.sse, ((target - est.kernel(q, k)) ** 2).sum())
