@@ -48,18 +48,27 @@ def attention(
     scale: float | None = None,
     dtype: torch.dtype | None = None,
     tile: int = 1024,
+    log_kernel=None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v, ``scale`` defaulting to 1/sqrt(d). Returns ``[..., Lq, dv]``.
 
     ``dtype`` is the compute dtype (default: at least float32; pass torch.float64 for a
     reference); the result is returned in that dtype. With ``causal``, query i sees keys
     j <= i + (Lk - Lq), i.e. queries are aligned to the end of the keys.
+
+    ``log_kernel(q_tile, k_tile) -> [..., tq, tk]`` replaces the logits q . k * scale (then
+    ``scale`` must be left out): exact attention under another kernel, sum_j k(q_i, k_j) v_j /
+    sum_j k(q_i, k_j), e.g. an estimator's declared target (``TargetKernel.log_kernel``).
     """
     check_qkv(q, k, v)
     d = q.shape[-1]
+    if log_kernel is not None and scale is not None:
+        raise DataError("exact.attention: pass either scale (softmax logits) or log_kernel, not both")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dt = dtype or torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
-    q, k, v = q.to(dt) * scale, k.to(dt), v.to(dt)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if log_kernel is None:
+        q = q * scale
     Lq, Lk = q.shape[-2], k.shape[-2]
     if causal and Lq > Lk:
         raise DataError(
@@ -80,7 +89,10 @@ def attention(
         last = Lk if not causal else min(Lk, rows.stop + offset)
         for j in range(0, last, tile):
             cols = slice(j, min(j + tile, last))
-            logits = qi @ k[..., cols, :].transpose(-1, -2)
+            if log_kernel is None:
+                logits = qi @ k[..., cols, :].transpose(-1, -2)
+            else:
+                logits = log_kernel(qi, k[..., cols, :]).to(dt)
             if causal:
                 qpos = torch.arange(rows.start, rows.stop, device=q.device)[:, None] + offset
                 kpos = torch.arange(cols.start, cols.stop, device=q.device)[None, :]

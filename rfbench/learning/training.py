@@ -160,44 +160,7 @@ def target_attention(
         qs, ks, vc = _cast(est, q) * s, _cast(est, k) * s, _cast(est, v)
         if target.is_softmax:
             return exact.attention(qs, ks, vc, causal, scale=1.0, dtype=dtype)
-        return _log_kernel_attention(target.log_kernel, qs, ks, vc, causal, dtype)
-
-
-def _log_kernel_attention(log_kernel, q, k, v, causal: bool, dtype, tile: int = 1024) -> torch.Tensor:
-    """sum_j k(q_i, k_j) v_j / sum_j k(q_i, k_j) for ``log_kernel`` (as ``exact.attention``, whose
-    online softmax this is with the logits q . k replaced by log k(q, k)); causal: keys j <= i."""
-    check_qkv(q, k, v)
-    dt = dtype or torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    Lq, Lk = q.shape[-2], k.shape[-2]
-    if causal and Lq != Lk:
-        raise DataError(f"causal attention needs as many queries as keys, got Lq={Lq}, Lk={Lk}")
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    out = torch.empty(*lead, Lq, v.shape[-1], dtype=dt, device=q.device)
-    for i in range(0, Lq, tile):
-        rows = slice(i, min(i + tile, Lq))
-        qi = q[..., rows, :]
-        m = torch.full((*lead, qi.shape[-2], 1), -math.inf, dtype=dt, device=q.device)
-        s = torch.zeros_like(m)
-        acc = torch.zeros(*lead, qi.shape[-2], v.shape[-1], dtype=dt, device=q.device)
-        last = Lk if not causal else rows.stop
-        for j in range(0, last, tile):
-            cols = slice(j, min(j + tile, last))
-            logits = log_kernel(qi, k[..., cols, :]).to(dt)
-            if causal:
-                qpos = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
-                kpos = torch.arange(cols.start, cols.stop, device=q.device)[None, :]
-                logits = logits.masked_fill(kpos > qpos, -math.inf)
-            m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
-            # running max, rescaled sums: every exp() <= 1, exact; rows fully masked so far keep -inf
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(logits - safe)
-            alpha = torch.exp(m - safe)
-            s = s * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + p @ v[..., cols, :]
-            m = m_new
-        out[..., rows, :] = acc / s
-    return out
+        return exact.attention(qs, ks, vc, causal, dtype=dtype, log_kernel=target.log_kernel)
 
 
 # --------------------------------------------------------------------------- fitting
