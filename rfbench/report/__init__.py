@@ -109,22 +109,6 @@ def normalise(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return store.conform(df, where, summary="n_seeds" in df)
 
 
-def meta_lookup(meta, *names: str, default=None):
-    """Deprecated, for html.py until it reads ``Meta`` attributes: the first value under any of
-    ``names`` in meta.json as read (top level first, then nested tables)."""
-    doc = meta.document if isinstance(meta, Meta) else meta
-    for name in names:
-        stack = [doc or {}]  # breadth first: a top-level key wins over a nested one
-        while stack:
-            node = stack.pop(0)
-            if not isinstance(node, dict):
-                continue
-            if name in node and node[name] not in (None, "", [], {}):
-                return node[name]
-            stack.extend(v for v in node.values() if isinstance(v, dict))
-    return default
-
-
 def peak_memory_note(run: Run) -> str | None:
     """What peak memory means for the run's devices (meta.json's note, per device if it has one)."""
     s = run.summary

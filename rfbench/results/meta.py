@@ -79,8 +79,7 @@ class Meta:
     command: list[str] = field(default_factory=list)  # argv of the latest run
     runs: list[dict] = field(default_factory=list)  # one record per writer (run, resume, shard)
     extra: dict = field(default_factory=dict)  # keys this version does not know
-    #: The document as read (None for a Meta built in memory); backs the transitional mapping
-    #: view below, not the attributes.
+    #: The document as read (None for a Meta built in memory): what report.html shows verbatim.
     document: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -129,23 +128,6 @@ class Meta:
         extra = doc.pop("extra")
         doc.pop("document")
         return {**doc, **extra}
-
-    # Transitional: a read-only mapping view of the document as read, for readers that still
-    # index meta.json by key (report.html's metadata rows). New code reads the attributes.
-    def _view(self) -> dict:
-        return self.document if self.document is not None else self.to_dict()
-
-    def __getitem__(self, key: str):
-        return self._view()[key]
-
-    def get(self, key: str, default=None):
-        return self._view().get(key, default)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._view()
-
-    def __bool__(self) -> bool:
-        return bool(self._view())
 
     def device_text(self) -> str:
         """The devices the run used, by name ("AMD EPYC", "NVIDIA H100 80GB HBM3")."""

@@ -171,7 +171,7 @@ def test_load_run_reads_the_three_files(folder):
     assert len(run.results) == len(make_results())
     assert run.summary["cell"].is_unique
     assert set(run.results["cell"]) == set(run.summary["cell"])
-    assert run.suite == "synthetic" and run.meta["host"] == "testhost" and run.notes == []
+    assert run.suite == "synthetic" and run.meta.machine.host == "testhost" and run.notes == []
 
 
 def test_load_run_recomputes_a_missing_summary(folder, tmp_path):
