@@ -556,7 +556,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help=f"local model folder (no download), or an alias: {', '.join(ALIASES)}")
     parser.add_argument("--text", required=True, nargs="+", action="extend", metavar="FILE",
-                        help="UTF-8 text file(s), or folder(s) of *.txt files")
+                        help="UTF-8 text file(s), folder(s) of *.txt files, or 'corpus' (the bundled "
+                             "public-domain corpus, 4,575 SmolLM2 tokens)")
     parser.add_argument("--out", required=True, help="output capture file (.safetensors, .npz or .pt)")
     parser.add_argument("--layers", default="all", help="model layers to keep: all, 0-5, 0,3 (default all)")
     parser.add_argument("--heads", default="all", help="model heads to keep: all, 0-5, 0,3 (default all)")
@@ -573,7 +574,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cap = capture(
         args.model,
-        [Path(t) for t in args.text],
+        text_arguments(args.text),
         layers=parse_indices(args.layers, "layers"),
         heads=parse_indices(args.heads, "heads"),
         max_tokens=args.max_tokens,
@@ -590,6 +591,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {n_l} layers x {n_h} heads x {n_t} tokens, d={d}, scale={cap.scale:.6g}, "
           f"{args.dtype}, {size:.2f} MiB")
     return 0
+
+
+def text_arguments(values: Sequence[str]) -> list[Path]:
+    """``--text`` values as paths; ``corpus`` (when no such file exists) names the bundled corpus."""
+    from rfbench.data.corpus import NAME, corpus_paths
+
+    out: list[Path] = []
+    for v in values:
+        out.extend(corpus_paths() if v == NAME and not Path(v).exists() else [Path(v)])
+    return out
 
 
 def _command(args: argparse.Namespace) -> str:
