@@ -112,3 +112,14 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("RFBENCH_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cache.default_cache_dir() == tmp_path / "x" / "rfbench" / "captures"
+
+
+def test_resolve_source_makes_paths_absolute(fake):
+    model, text, calls, where = fake
+    out = cache.resolve_source({"model": model.name, "text": text.name}, model.parent)
+    assert out == {"model": str(model), "text": [str(text)], "max_tokens": 2048, "window": None,
+                   "dtype": "float32", "model_dtype": "float32"}
+    assert cache.resolve_source({"model": "smollm2"}, model.parent)["model"] == "smollm2"
+    assert cache.resolve_source({"model": "smollm2"}, model.parent)["text"] == "corpus"
+    with pytest.raises(DataError, match="no such file"):
+        cache.resolve_source({"model": "smollm2", "text": "absent.txt"}, model.parent)

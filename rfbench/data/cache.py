@@ -159,6 +159,18 @@ def capture_source(params: dict, *, layers=None, heads=None, base: Path | None =
     return load_capture(path)
 
 
+def resolve_source(params: dict, base: Path | None) -> dict:
+    """``check_source``, then model and text paths made absolute against ``base`` (the suite's
+    folder), aliases and "corpus" kept: what a suite spec stores, JSON-able."""
+    out = check_source(params)
+    model = out["model"]
+    if model not in _capture.ALIASES and not Path(model).expanduser().is_absolute() and base is not None:
+        out["model"] = str(base / model)
+    texts = [out["text"]] if isinstance(out["text"], str) else out["text"]
+    out["text"] = [str(p) for p in resolve_texts(texts, base)] if texts != [CORPUS] else CORPUS
+    return out
+
+
 def check_source(params: dict) -> dict:
     """Validate a ``source = "capture"`` table's own keys; returns them with defaults filled."""
     unknown = sorted(set(params) - set(SUITE_KEYS))
