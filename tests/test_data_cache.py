@@ -123,3 +123,22 @@ def test_resolve_source_makes_paths_absolute(fake):
     assert cache.resolve_source({"model": "smollm2"}, model.parent)["text"] == "corpus"
     with pytest.raises(DataError, match="no such file"):
         cache.resolve_source({"model": "smollm2", "text": "absent.txt"}, model.parent)
+
+
+def test_the_llm_suite_capture_table_is_valid():
+    """suites/llm.toml's [[data]] table: its capture keys pass the data side's validation."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(__file__).resolve().parent.parent / "suites" / "llm.toml"
+    (table,) = tomllib.loads(path.read_text(encoding="utf-8"))["data"]
+    assert table["source"] == "capture" and table["per_layer"] is True
+    own = {k: v for k, v in table.items() if k in cache.SUITE_KEYS}
+    assert set(table) - set(own) <= {"source", "layers", "heads", "per_layer", "label"}
+    settings = cache.resolve_source(own, path.parent)
+    assert settings["model"] == "smollm2" and settings["text"] == "corpus"
+    assert settings["max_tokens"] >= 2048
