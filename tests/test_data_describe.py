@@ -190,7 +190,8 @@ def _spectrum_capture(top: float, causal: bool) -> Capture:
                    scale=0.25, meta=meta)
 
 
-@pytest.mark.parametrize("top, sigma_star, posrf_finite", [(0.1, True, True), (0.4, True, False), (3.0, False, False)])
+@pytest.mark.parametrize("top, sigma_star, posrf_finite",
+                         [(0.1, True, True), (0.4, True, False), (3.0, False, False)])
 def test_describe_spectrum_columns(top, sigma_star, posrf_finite):
     from rfbench.data.describe import optimal_second_moment, posrf_second_moment
 
@@ -214,4 +215,5 @@ def test_attention_entropy_of_uniform_attention():
     assert math.isclose(attention_entropy(q, k, 0.5, causal=True), causal, rel_tol=1e-12)
     cap = _spectrum_capture(0.1, causal=True)
     row = describe(cap).iloc[0]
-    assert math.isclose(row.attn_entropy, attention_entropy(cap.q[0, 0], cap.k[0, 0], 0.25, True), rel_tol=1e-12)
+    direct = attention_entropy(cap.q[0, 0], cap.k[0, 0], 0.25, True)
+    assert math.isclose(row.attn_entropy, direct, rel_tol=1e-12)

@@ -33,6 +33,7 @@ import torch
 
 from rfbench.data import capture as _capture
 from rfbench.data import gguf
+from rfbench.data import texts as texts_mod
 from rfbench.data.corpus import NAME as CORPUS
 from rfbench.data.corpus import corpus_paths
 from rfbench.data.io import FORMAT, Capture, load_capture, save_capture
@@ -70,7 +71,8 @@ def model_identity(model: str | os.PathLike) -> str:
     return digest
 
 
-def resolve_texts(text: str | os.PathLike | Sequence[str | os.PathLike], base: Path | None = None) -> list[Path]:
+def resolve_texts(text: str | os.PathLike | Sequence[str | os.PathLike],
+                  base: Path | None = None) -> list[Path]:
     """``"corpus"`` -> the bundled corpus; paths (relative to ``base``) -> files or folders."""
     items = [text] if isinstance(text, (str, os.PathLike)) else list(text)
     if not items:
@@ -92,11 +94,11 @@ def resolve_texts(text: str | os.PathLike | Sequence[str | os.PathLike], base: P
 def cache_key(model, texts: list[Path], *, layers, heads, max_tokens: int, window: int | None,
               dtype: torch.dtype, model_dtype: torch.dtype) -> dict:
     """The JSON-able object whose sha256 names the cached file."""
-    sources = _capture.read_texts(texts)
+    sources = texts_mod.read_texts(texts)
     return {
         "format": FORMAT,
         "model": model_identity(model),
-        "text": _capture._digest([t for _, t in sources]),
+        "text": texts_mod.digest([t for _, t in sources]),
         "layers": None if layers is None else sorted(int(i) for i in layers),
         "heads": None if heads is None else sorted(int(i) for i in heads),
         "max_tokens": int(max_tokens),
@@ -181,7 +183,8 @@ def check_source(params: dict) -> dict:
         raise DataError("model: required for source = 'capture' (an alias such as 'smollm2', a .gguf file "
                         "or a model folder)")
     text = params.get("text", CORPUS)
-    if not (isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))):
+    paths = isinstance(text, list) and text and all(isinstance(t, str) for t in text)
+    if not (isinstance(text, str) or paths):
         raise DataError(f"text: 'corpus', a path or a list of paths, got {text!r}")
     out = {"model": model, "text": text}
     for name, default, low in (("max_tokens", _capture.DEFAULT_MAX_TOKENS, 1), ("window", None, 2)):

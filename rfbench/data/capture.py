@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import json
 import math
@@ -42,7 +41,9 @@ from pathlib import Path
 import torch
 
 from rfbench.data import gguf
+from rfbench.data import texts as texts_mod
 from rfbench.data.io import Capture, save_capture
+from rfbench.data.texts import read_texts, text_arguments
 from rfbench.errors import DataError
 
 DEFAULT_MAX_TOKENS = 2048
@@ -107,7 +108,8 @@ def capture(
     else:
         tokenizer, model = _load(transformers, folder, model_dtype, device)
         score = None
-    windows, ends = _windows(tokenizer, model.config, [t for _, t in sources], max_tokens, window)
+    limit = _config_int(model.config, ("max_position_embeddings", "n_positions", "max_seq_len"))
+    windows, ends = texts_mod.windows(tokenizer, limit, [t for _, t in sources], max_tokens, window)
     rec = record(model, windows, layers=layers, heads=heads, progress=progress, on_output=score)
     if score is not None and nll[1]:
         ppl = math.exp(nll[0] / nll[1])
@@ -117,8 +119,8 @@ def capture(
         "model_type": str(getattr(model.config, "model_type", "unknown")),
         "tokens": str(rec.q.shape[-2]),
         "windows": str(len(windows)),
-        "window_starts": json.dumps(_starts(windows)),
-        "text_sha256": _digest([t for _, t in sources]),
+        "window_starts": json.dumps(texts_mod.starts(windows)),
+        "text_sha256": texts_mod.digest([t for _, t in sources]),
         "text_sources": json.dumps([name for name, _ in used]),
         "dtype": str(dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
@@ -378,32 +380,6 @@ def resolve_model(model_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def read_texts(texts) -> list[tuple[str, str]]:
-    """``(name, text)`` pairs: a str is text, a Path a UTF-8 file or a folder of ``*.txt`` files."""
-    items = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            out.append((f"<text {i}>", item))
-            continue
-        path = Path(item)
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
-        if path.is_dir() and not files:
-            raise DataError(f"{path}: folder holds no *.txt files")
-        for f in files:
-            try:
-                out.append((str(f), f.read_text(encoding="utf-8")))
-            except FileNotFoundError:
-                raise DataError(f"{f}: no such text file") from None
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            except OSError as exc:
-                raise DataError(f"{f}: cannot read ({exc.strerror})") from None
-    if not out or not any(t.strip() for _, t in out):
-        raise DataError("no text to run the model on (the texts are empty)")
-    return out
-
-
 def _load(transformers, folder: Path, model_dtype: torch.dtype, device):
     # Belt and braces: local_files_only already forbids downloads.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -419,49 +395,6 @@ def _load(transformers, folder: Path, model_dtype: torch.dtype, device):
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # one pass per window; a KV cache would only cost memory
     return tokenizer, model
-
-
-def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int | None
-             ) -> tuple[list[torch.Tensor], list[int | None]]:
-    """Token-id windows ``[1, L_w]`` (special tokens included), at most ``max_tokens`` in all,
-    and for each text the character offset where its last captured token ends (None: unused)."""
-    limit = _config_int(config, ("max_position_embeddings", "n_positions", "max_seq_len"))
-    if window is None:
-        window = limit or 512
-    elif isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise DataError(f"window must be an integer >= 2, got {window!r}")
-    if limit and window > limit:
-        raise DataError(f"window {window} exceeds the model's {limit} positions")
-    out: list[torch.Tensor] = []
-    ends: list[int | None] = [None] * len(texts)
-    left = max_tokens
-    for ti, text in enumerate(texts):
-        if not text.strip() or left <= 0:
-            continue
-        # Fast tokenizers split a long text into windows and add each window's special tokens.
-        try:
-            enc = tokenizer(text, truncation=True, max_length=window, stride=0,
-                            return_overflowing_tokens=True, return_offsets_mapping=True)
-        except Exception as exc:  # tokenizers raise assorted types for an impossible window
-            raise DataError(
-                f"the tokenizer cannot cut windows of {window} tokens: {_first_line(exc)}"
-            ) from None
-        if enc.get("overflowing_tokens"):
-            raise DataError(
-                "splitting a long text into windows needs a fast tokenizer (tokenizer.json in the "
-                "model folder); this one is a slow, pure-Python tokenizer"
-            )
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        if not (ids and isinstance(ids[0], list)):
-            ids, offsets = [ids], [offsets]
-        for row, spans in zip(ids, offsets):
-            row, spans = row[:left], spans[:left]
-            out.append(torch.tensor([row], dtype=torch.long))
-            ends[ti] = max([ends[ti] or 0, *(int(b) for _, b in spans)])
-            left -= len(row)
-            if left <= 0:
-                break
-    return out, ends
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -508,22 +441,6 @@ def _position_kind(config) -> str:
     if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
         return "rotary (q, k recorded after it)"
     return "unknown"
-
-
-def _starts(windows) -> list[int]:
-    starts, at = [], 0
-    for w in windows:
-        starts.append(at)
-        at += int(w.shape[-1])
-    return starts
-
-
-def _digest(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -591,16 +508,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {n_l} layers x {n_h} heads x {n_t} tokens, d={d}, scale={cap.scale:.6g}, "
           f"{args.dtype}, {size:.2f} MiB")
     return 0
-
-
-def text_arguments(values: Sequence[str]) -> list[Path]:
-    """``--text`` values as paths; ``corpus`` (when no such file exists) names the bundled corpus."""
-    from rfbench.data.corpus import NAME, corpus_paths
-
-    out: list[Path] = []
-    for v in values:
-        out.extend(corpus_paths() if v == NAME and not Path(v).exists() else [Path(v)])
-    return out
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -229,7 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="all", help="layers to describe: all, 0-5, 0,3")
     parser.add_argument("--heads", default="all", help="heads to describe: all, 0-5, 0,3")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help=f"use only the first N tokens (a model: capture N, default {DEFAULT_MODEL_TOKENS})")
+                        help="use only the first N tokens (a model: capture N, "
+                             f"default {DEFAULT_MODEL_TOKENS})")
     parser.add_argument("--csv", default=None, metavar="OUT", help="also write the table as CSV")
 
 

@@ -87,8 +87,9 @@ def load(path: Path, *, dtype: torch.dtype = torch.float32, device="cpu",
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         lines = str(exc).strip().splitlines()
+        first = lines[0][:200] if lines else type(exc).__name__
         raise DataError(
-            f"{path}: transformers cannot load this GGUF file ({lines[0][:200] if lines else type(exc).__name__}); "
+            f"{path}: transformers cannot load this GGUF file ({first}); "
             "it reads the llama, mistral, qwen2, gemma and a few other architectures"
         ) from None
     model = model.to(device).eval()

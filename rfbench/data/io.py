@@ -193,9 +193,11 @@ def validate(capture: Capture, source: str = "capture") -> Capture:
             raise DataError(f"{source}: meta must map strings to strings, got {key!r}: {value!r}")
     ids = capture.token_ids
     if ids is not None:
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
-                or ids.dtype == torch.bool:
-            raise DataError(f"{source}: token_ids must be an integer tensor, got {getattr(ids, 'dtype', ids)!r}")
+        integer = isinstance(ids, torch.Tensor) and not (
+            ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        if not integer:
+            raise DataError(
+                f"{source}: token_ids must be an integer tensor, got {getattr(ids, 'dtype', ids)!r}")
         if tuple(ids.shape) != (q.shape[-2],):
             raise DataError(
                 f"{source}: token_ids must have shape [L] = [{q.shape[-2]}], got {tuple(ids.shape)}"
