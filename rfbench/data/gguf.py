@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -81,6 +82,10 @@ def load(path: Path, *, dtype: torch.dtype = torch.float32, device="cpu",
         raise DataError(f"{path}: no such GGUF file")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": path.name, "local_files_only": True}
+    bars = transformers.utils.logging
+    was_on = bars.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # the dequantising bar would fill logs with carriage returns
+        bars.disable_progress_bar()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
         extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -92,6 +97,9 @@ def load(path: Path, *, dtype: torch.dtype = torch.float32, device="cpu",
             f"{path}: transformers cannot load this GGUF file ({first}); "
             "it reads the llama, mistral, qwen2, gemma and a few other architectures"
         ) from None
+    finally:
+        if was_on:
+            bars.enable_progress_bar()
     model = model.to(device).eval()
     model.config.use_cache = False  # one pass per window; a KV cache would only cost memory
     return tokenizer, model
