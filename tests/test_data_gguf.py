@@ -21,7 +21,7 @@ PASSAGE = (
     "Rome. The capital of Spain is Madrid. Water freezes at zero degrees Celsius and boils at one "
     "hundred degrees Celsius."
 )
-#: Measured 2.3-4 on this passage in float32 (transformers 5.24); a broken load is far above.
+#: Measured 4.46 on this 42-token passage in float32 (transformers 5.24); a broken load is far above.
 PPL_BOUND = 8.0
 
 
@@ -78,7 +78,7 @@ def test_the_wrong_rotary_convention_is_much_worse(smollm2):
         for proj, w in saved:
             proj.weight.data = w
     assert gguf.perplexity(model, ids) == pytest.approx(right, rel=1e-6)  # restored
-    # Measured: right 2.3-4, wrong 15-25 on such passages.
+    # Measured: 4.46 right, 37.1 wrong on this passage; 19.2 and 275 on 1,024 corpus tokens.
     assert wrong > 3 * right, (right, wrong)
 
 
