@@ -471,7 +471,8 @@ def parse_indices(spec: str | None, what: str) -> list[int] | None:
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help=f"local model folder or .gguf file (no download), or an alias: {', '.join(ALIASES)}")
+                        help="local model folder or .gguf file (no download), or an alias: "
+                             f"{', '.join(ALIASES)}")
     parser.add_argument("--text", required=True, nargs="+", action="extend", metavar="FILE",
                         help="UTF-8 text file(s), folder(s) of *.txt files, or 'corpus' (the bundled "
                              "public-domain corpus, 4,575 SmolLM2 tokens)")
