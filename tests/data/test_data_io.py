@@ -243,3 +243,42 @@ def test_save_validates(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         save_capture(tmp_path / "c.h5", _capture())
     assert not (tmp_path / "c.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- token ids and text
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".pt"])
+def test_token_ids_and_text_round_trip(tmp_path, suffix):
+    cap = _capture(L=10)
+    cap.token_ids = torch.arange(100, 110, dtype=torch.int32)
+    cap.text = "Ünïcode text\nwith two lines"
+    back = load_capture(save_capture(tmp_path / f"c{suffix}", cap))
+    _same(cap, back)
+    assert back.token_ids.dtype == torch.int64 and back.token_ids.tolist() == list(range(100, 110))
+    assert back.text == cap.text and "text" not in back.meta
+    part = back.select(max_tokens=4)
+    assert part.token_ids.tolist() == [100, 101, 102, 103] and part.text == cap.text
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".pt"])
+def test_files_without_token_ids_or_text_still_load(tmp_path, suffix):
+    back = load_capture(save_capture(tmp_path / f"c{suffix}", _capture()))
+    assert back.token_ids is None and back.text is None
+    bundled = load_bundled()  # written before these fields existed
+    assert bundled.token_ids is None and bundled.text is None
+
+
+@pytest.mark.parametrize("ids, needle", [
+    (torch.arange(9), r"shape \[L\] = \[10\]"),
+    (torch.ones(10), "integer tensor"),
+    (-torch.ones(10, dtype=torch.long), "non-negative"),
+])
+def test_bad_token_ids_are_refused(tmp_path, ids, needle):
+    cap = _capture(L=10)
+    cap.token_ids = ids
+    with pytest.raises(DataError, match=needle):
+        save_capture(tmp_path / "c.safetensors", cap)
+    # The same checks guard loading: a float token_ids tensor written by hand is refused.
+    hand = {"q": cap.q, "k": cap.k, "v": cap.v, "token_ids": torch.ones(10)}
+    save_file(hand, str(tmp_path / "h.safetensors"))
+    with pytest.raises(DataError, match="token_ids must be an integer tensor"):
+        load_capture(tmp_path / "h.safetensors")
