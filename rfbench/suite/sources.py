@@ -8,6 +8,7 @@ A ``per_layer`` capture is one source per layer. ``Source.key`` is what the cell
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ def _format_ranges(values) -> str:
     return format_ranges(values, sep=",")
 
 
+def _model_stem(params: dict) -> str:
+    return Path(str(params.get("model", "model"))).stem
+
+
 def prepare_sources(suite: Suite) -> list[Source]:
     """Resolve the suite's data sources (loading captures once); per_layer ones expand per layer."""
     out: list[Source] = []
@@ -95,11 +100,20 @@ def prepare_sources(suite: Suite) -> list[Source]:
         from rfbench.data import io
 
         try:
-            cap = io.load_bundled() if spec.source == "bundled" else io.load_capture(spec.path)
+            if spec.source == "capture":  # made once and cached (rfbench.data.cache); never recomputed
+                from rfbench.data import cache
+
+                cap = cache.capture_source(spec.params, layers=spec.layers, heads=spec.head_indices)
+            elif spec.source == "bundled":
+                cap = io.load_bundled()
+            else:
+                cap = io.load_capture(spec.path)
             cap = cap.select(layers=spec.layers, heads=spec.head_indices)
         except DataError as exc:
             raise SpecError(f"{where}: {exc}") from None
-        name = "bundled" if spec.source == "bundled" else f"file:{Path(spec.path).stem}"
+        name = {"bundled": "bundled", "capture": f"capture:{_model_stem(spec.params)}"}.get(
+            spec.source, f"file:{Path(spec.path or '').stem}"
+        )
         groups = [[layer] for layer in cap.layers] if spec.per_layer else [list(cap.layers)]
         for layers in groups:
             sub = cap.select(layers=layers) if spec.per_layer else cap
@@ -111,11 +125,13 @@ def prepare_sources(suite: Suite) -> list[Source]:
                 label = f"{spec.label}:L{_format_ranges(layers)}" if spec.per_layer else spec.label
             key = {
                 "source": spec.source,
-                "path": spec.path if spec.source == "file" else "bundled",
+                "path": spec.path if spec.source == "file" else spec.source,
                 "layers": list(sub.layers),
                 "heads": list(sub.heads),
                 "model": cap.meta.get("model", ""),
             }
+            if spec.source == "capture":  # the model file's and the text's identity, for resume
+                key["capture"] = json.loads(cap.meta["cache_key"])
             out.append(
                 Source(
                     spec,

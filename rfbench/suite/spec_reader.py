@@ -316,7 +316,7 @@ class _Reader:
             source = self.string(t.get("source", "synthetic"), f"{p}.source", choices=SOURCES, default=None)
             if source == "synthetic":
                 spec = self.synthetic(t, p, i)
-            elif source in ("bundled", "file"):
+            elif source in ("bundled", "file", "capture"):
                 spec = self.capture(t, p, i, source, path)
             else:
                 continue
@@ -388,11 +388,22 @@ class _Reader:
         )
 
     def capture(self, t: dict, p: str, index: int, source: str, path: Path | None) -> DataSpec | None:
+        from rfbench.data import cache  # light: no model or transformers import until a capture is made
+
         allowed = ("source", "layers", "heads", "per_layer", "label") + (
-            ("path",) if source == "file" else ()
+            ("path",) if source == "file" else cache.SUITE_KEYS if source == "capture" else ()
         )
         self.table(t, p, allowed)
         file = None
+        params: dict = {}
+        if source == "capture":
+            try:  # model and text paths are made absolute against the suite's folder
+                params = cache.resolve_source(
+                    {k: t[k] for k in cache.SUITE_KEYS if k in t}, None if path is None else path.parent
+                )
+            except DataError as exc:
+                self.error(p, str(exc))
+                return None
         if source == "file":
             raw = self.string(t.get("path", _MISSING), f"{p}.path", default=None)
             if raw is None:
@@ -418,6 +429,7 @@ class _Reader:
         return DataSpec(
             source,
             label,
+            params=params,
             path=None if file is None else str(file),
             layers=layers,
             head_indices=heads,

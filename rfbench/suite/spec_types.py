@@ -11,7 +11,7 @@ from rfbench.errors import SpecError
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
-SOURCES = ("synthetic", "bundled", "file")
+SOURCES = ("synthetic", "bundled", "file", "capture")
 GPU_TIMERS = ("do_bench", "cuda_events")
 PER_DEVICE = ("cpu", "cuda")
 

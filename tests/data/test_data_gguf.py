@@ -166,3 +166,30 @@ def test_missing_gguf_file_is_a_data_error(tmp_path):
 
     with pytest.raises(DataError, match="no such GGUF file"):
         resolve_model(tmp_path / "absent.gguf")
+
+
+def test_a_suite_runs_on_a_cached_smollm2_capture(smollm2, tmp_path, monkeypatch):
+    """source = "capture" end to end: captured once (loader counted), cached, rerun from the cache,
+    and the causal cells measured on post-RoPE heads with d = 64."""
+    from rfbench.data import gguf
+    from rfbench.results import load_results
+    from rfbench.suite.runner import run_suite
+
+    _, tokenizer, model, _ = smollm2
+    loads = []
+    monkeypatch.setattr(gguf, "load", lambda *a, **k: loads.append(1) or (tokenizer, model))
+    monkeypatch.setenv("RFBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(
+        '[suite]\nname = "tiny-llm"\n[estimators]\nnames = ["posrf-iid"]\nbaselines = ["uniform"]\n'
+        '[[data]]\nsource = "capture"\nmodel = "smollm2"\nmax_tokens = 32\nlayers = [0]\nheads = [0, 4]\n'
+        "[sweep]\nseq_len = [16]\nnum_features = [8]\ncausal = [true]\n[seeds]\ncount = 2\n"
+        "[timing]\nwarmup = 0\nrepeats = 1\nmax_seconds = 0.01\n"
+    )
+    out = run_suite(suite, out=tmp_path / "run", progress=False)
+    rows = load_results(out)
+    assert set(rows["status"]) == {"ok"} and set(rows["dim"]) == {64} and rows["causal"].all()
+    assert set(rows["data"]) == {"capture:smollm2:L0:H0,4"}, set(rows["data"])
+    assert rows.loc[rows["estimator"] == "posrf-iid", "out_rel_err"].notna().all()
+    run_suite(suite, out=tmp_path / "again", progress=False)
+    assert len(loads) == 1  # the second run read the cached capture

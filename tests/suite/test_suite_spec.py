@@ -165,13 +165,33 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys):
     assert "suite 'no-such-suite' not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quick", "spectraformer", "scaling", "real", "darkformer"])
+@pytest.mark.parametrize(
+    "name", ["quick", "spectraformer", "scaling", "real", "darkformer", "learning", "llm"]
+)
 def test_ready_suites_validate(name):
     suite = load_suite(SUITES_DIR / f"{name}.toml")
     assert suite.name == name and suite.estimators and suite.data
 
 
-@pytest.mark.parametrize("suite", ["quick", "learning"])
+def test_capture_source_is_validated_and_resolved(tmp_path):
+    """source = "capture": the data layer's keys only, the model required, paths against the suite."""
+    (tmp_path / "model.gguf").write_bytes(b"not read at parse time")
+    base = (
+        '[suite]\nname = "c"\n[estimators]\nnames = ["posrf-iid"]\n'
+        "[sweep]\nseq_len = [8]\nnum_features = [4]\n"
+    )
+    ok = base + '[[data]]\nsource = "capture"\nmodel = "model.gguf"\nlayers = [0]\n'
+    (tmp_path / "ok.toml").write_text(ok)
+    spec = load_suite(tmp_path / "ok.toml").data[0]
+    assert spec.source == "capture" and spec.layers == (0,)
+    assert spec.params["model"] == str(tmp_path / "model.gguf") and spec.params["text"] == "corpus"
+    for extra, match in (('model = "model.gguf"\npath = "x"\n', "path"), ('layers = [0]\n', "model")):
+        (tmp_path / "bad.toml").write_text(base + '[[data]]\nsource = "capture"\n' + extra)
+        with pytest.raises(SpecError, match=match):
+            load_suite(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("suite", ["quick", "learning", "llm"])
 def test_reading_a_suite_imports_neither_the_trainer_nor_the_report(suite):
     """Parsing is cheap: no report layer, no plotting, no trainer (a [fit] section needs only the
     learning configuration), no results store."""
