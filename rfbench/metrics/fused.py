@@ -4,7 +4,10 @@ What it computes, per leading index and summed (q' = q s, k' = k s, s = scale**0
 first, so the sums run over the scored pairs only):
 
 - seed s: sum (K - K^s)^2 and sum K^2 from one op call on ``est.form(params_)`` (1/m folded in),
-  giving ``kernel_mse`` and ``kernel_rel_mse``;
+  giving ``kernel_mse`` and ``kernel_rel_mse``; in the same call, given each scored row's exact
+  log-normaliser (``exact_row_lse``) and the seed's estimated one (``estimate_row_lse``: its own
+  features of every key, on the torch side, O(L F)), sum (A^ - A)^2 over the visible pairs,
+  giving ``attn_mse`` (sorted unique rows keep j <= i among the gathered rows);
 - seed s against its declared target exp((Mq') . (Mk')): the op fed
   ``est.target_kernel.exponential_inputs(q', k')`` as (tq, tk), giving ``target_kernel_rel_mse``
   (NaN where the target is the softmax kernel or has no closed form, as on the torch path);
@@ -13,17 +16,17 @@ first, so the sums run over the scored pairs only):
   no per-pair stack of S estimates is needed; ``mc_variance`` then follows from the exact identity
   mean_s kernel_mse_s = bias2 + (S-1)/S * mc_variance (``rfbench.metrics.accumulate``).
 
-Dispatch: ``fused_reasons`` lists why the op cannot serve a call (empty: it can). ``attn_mse`` is
-not served: it needs each query row's two normalisers (exact and estimated) inside the pair loop,
-which the op does not take; calls asking for it take the torch path.
+Dispatch: ``fused_reasons`` lists why the op cannot serve a call (empty: it can).
 
-Precision: features, pair products (full float32, ``precision="ieee"``, not TF32, whose 10-bit
-operands would move every exact value by ~1e-3) and each query row's sums over keys are float32;
-rows are summed in float64. The torch path combines the same float32 features in float64 against a
-float64 exact side, so the two agree to ~1e-6 relative on each sum. mc_variance, a difference of
-such sums, carries an absolute error of ~1e-6 * mean kernel_mse: negligible unless the seeds barely
-differ. Squares of kernel values overflow float32 above exp(44); such sums come back non-finite
-and the call is redone on the torch path (float64) -- or refused with ``backend="triton"``.
+Precision: features, pair products and each query row's sums over keys are float32; rows are
+summed in float64. Products are float32-accurate (``_f32_precision``): "tf32x3" on GPUs with
+TF32, "ieee" elsewhere (the interpreter computes in float32 anyway); not the op's GPU default
+"tf32", whose 10-bit operands would move every exact value by ~1e-3. The torch path combines the
+same float32 features in float64 against a float64 exact side, so the two agree to ~1e-6
+relative on each sum. mc_variance, a difference of such sums, carries an absolute error of
+~1e-6 * mean kernel_mse: negligible unless the seeds barely differ. Squares of kernel values
+overflow float32 above exp(44); such sums come back non-finite and the call is redone on the
+torch path (float64), or refused with ``backend="triton"``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import torch
 
 from rfbench import ops
 from rfbench.errors import DataError, UnsupportedError
+from rfbench.metrics.features import estimate_row_lse
+from rfbench.metrics.tiles import flatten_lead, lead_groups, slice_params
 from rfbench.ops.form import ExpForm
 
 BACKENDS = ("auto", "torch", "triton")
@@ -60,12 +65,19 @@ def _same_norm(forms: list[ExpForm]) -> bool:
     return True
 
 
+def _f32_precision(device: torch.device) -> str:
+    # three TF32 tensor-core passes are about float32-accurate; plain "ieee" products spill ~1 KB
+    # of registers per thread at the op's default tiles on sm_90 (compile_check), "tf32x3" ~16 B
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32x3"
+    return "ieee"
+
+
 def fused_reasons(
     estimators: list,
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    attention_matrix: bool,
     backend: str = "auto",
 ) -> list[str]:
     """Why the fused kernel-error op cannot serve ``kernel_errors(estimators, q, k, ...)``; empty when
@@ -73,11 +85,6 @@ def fused_reasons(
     in the interpreter on CPU tensors under TRITON_INTERPRET=1)."""
     check_backend(backend)
     reasons = []
-    if attention_matrix:
-        reasons.append(
-            "attn_mse is asked for: it needs each query row's exact and estimated normalisers in the "
-            "pair loop, which the fused op does not take (pass attention_matrix=False)"
-        )
     forms = _forms(estimators)
     for e, f in zip(estimators, forms):
         if f is None:
@@ -165,39 +172,82 @@ def combine(
     )
 
 
-def fused_kernel_sums(estimators, q, k, *, scale: float, rows, slots, memory_budget: int) -> dict:
-    """The fused path's ``KernelErrors`` fields (attn_mse None). q, k ``[..., L, d]`` unscaled;
-    ``rows`` the scored row index; ``slots`` as ``kernel._target_slots`` (None: no target column).
+def _estimate_norms(estimators, q, k, s, rows, causal, lead, chunk, tile, memory_budget):
+    """Each seed's ``[n_lead, n]`` log row normalisers of its estimate (``estimate_row_lse``), from
+    the seed's own features of every key (not only the scored rows), in float64."""
+    qf, kf = flatten_lead(q, lead), flatten_lead(k, lead)
+    L, d = q.shape[-2:]
+    F = max(e.feature_dim for e in estimators)
+    per_index = 8 * (2 * L * d + 3 * min(chunk, L) * F + min(tile, rows.numel()) * F)
+    out = [torch.empty(qf.shape[0], rows.numel(), dtype=torch.float64, device=e.device) for e in estimators]
+    for g in lead_groups(qf.shape[0], per_index, memory_budget):
+        for e, o in zip(estimators, out):
+            # as the torch path: cast first, then scaled; parameters of these leading indices
+            qe, ke = (x[g].to(device=e.device, dtype=e.compute_dtype) * s for x in (qf, kf))
+            params = slice_params(e.params_ or {}, lead, g) if e.feature_map.data_dependent else {}
+            o[g] = estimate_row_lse(e, qe, ke, params, rows.to(e.device), causal, chunk, tile, torch.float64)
+    return out
+
+
+def fused_kernel_sums(
+    estimators,
+    q,
+    k,
+    *,
+    scale: float,
+    rows,
+    slots,
+    row_lse=None,
+    causal: bool = False,
+    chunk: int = 1024,
+    tile: int = 256,
+    memory_budget: int,
+) -> dict:
+    """The fused path's ``KernelErrors`` fields. q, k ``[..., L, d]`` unscaled; ``rows`` the scored
+    row index; ``slots`` as ``kernel._target_slots`` (None: no target column); ``row_lse``
+    (``exact_row_lse``, ``[n_lead, n]``) asks for attn_mse, scored over j <= i when ``causal``.
     Raises FusedOverflow when a float32 sum is not finite."""
     est0 = estimators[0]
     s = math.sqrt(scale)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     rows = rows.to(est0.device)
-    # Cast first, then scaled, as each seed's torch path (and attention()) sees the input.
+    # Cast first, then scaled, as each seed's torch path (and attention()) sees the input. Sorted
+    # unique rows keep the order, so j <= i among the gathered rows is j <= i in the sequence.
     qs, ks = (
         x.to(device=est0.device, dtype=torch.float32).expand(*lead, *x.shape[-2:])[..., rows, :] * s
         for x in (q, k)
     )
     forms = _forms(estimators)
+    precision = _f32_precision(qs.device)
+    attn: list[float] = []
 
-    def run(form, tq=None, tk=None) -> tuple[float, float]:
+    def run(form, tq=None, tk=None, row_norms=None) -> tuple[float, float]:
         out = ops.kernel_error(
             qs,
             ks,
             form.to(device=qs.device),
             tq,
             tk,
+            row_norms=row_norms,
+            causal=causal and row_norms is not None,
             backend="triton",
-            precision="ieee",
+            precision=precision,
             max_feature_bytes=memory_budget,
         )
         sse, k2 = float(out.sse.sum()), float(out.sum_exact2.sum())
         if not (math.isfinite(sse) and math.isfinite(k2)):
             raise FusedOverflow(["kernel values overflow the fused op's float32 squares (above ~exp(44))"])
+        if row_norms is not None:
+            attn.append(float(out.attn_sse.sum()) / (lead.numel() * out.attn_count))
         return sse, k2
 
     with torch.no_grad():
-        per_seed = [run(f) for f in forms]
+        if row_lse is None:
+            per_seed = [run(f) for f in forms]
+        else:
+            lse = row_lse.to(qs.device).reshape(*lead, rows.numel())
+            norms = _estimate_norms(estimators, q, k, s, rows, causal, lead, chunk, tile, memory_budget)
+            per_seed = [run(f, row_norms=(lse, lh.reshape(*lead, -1))) for f, lh in zip(forms, norms)]
         target_rel = []
         if any(j is not None for j in slots):
             for e, f, j in zip(estimators, forms, slots):
@@ -207,4 +257,5 @@ def fused_kernel_sums(estimators, q, k, *, scale: float, rows, slots, memory_bud
                     sse, k2 = run(f, *e.target_kernel.exponential_inputs(qs, ks))
                     target_rel.append(sse / k2)
         bias_sse = per_seed[0][0] if len(forms) == 1 else run(mean_form(forms, lead))[0]
-    return combine(per_seed, target_rel, bias_sse, lead.numel() * rows.numel() ** 2)
+    out = combine(per_seed, target_rel, bias_sse, lead.numel() * rows.numel() ** 2)
+    return dict(out, attn_mse=attn if row_lse is not None else None)

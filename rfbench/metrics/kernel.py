@@ -30,13 +30,13 @@ Nothing is fitted here: data-dependent estimators must be fitted at the ``scale`
 (``est.fit(q, k, scale=scale)``), else EstimatorError.
 
 Backends (``backend``): "torch" is the streamed float64 path above. "triton" runs the fused
-kernel-error op (``rfbench.metrics.fused``: one call per seed and per target, one for the seeds'
-mean), and refuses with ``fused_reasons``' list where it cannot serve the call. "auto" takes the
-fused op where ``fused_reasons`` is empty, which needs CUDA, exponential unsigned float32 maps and
-``attention_matrix=False`` (attn_mse needs the row normalisers inside the pair loop), and the
-torch path otherwise, or when the op's float32 squares overflow (kernel values above ~exp(44)).
-The two agree to ~1e-6 relative (see ``rfbench.metrics.fused``); ``KernelErrors.backend`` says
-which ran.
+kernel-error op (``rfbench.metrics.fused``: one call per seed, attention matrix included, one per
+seed against a DARK-type target, one for the seeds' mean), and refuses with ``fused_reasons``'
+list where it cannot serve the call. "auto" takes the fused op where ``fused_reasons`` is empty
+(CUDA, Triton, exponential unsigned maps computing in float32, seeds sharing their norm term,
+targets softmax or exp((Mq) . (Mk)), d <= 128) and the torch path otherwise, and also when the
+op's float32 squares overflow (kernel values above ~exp(44)). The two agree to ~1e-6 relative
+(see ``rfbench.metrics.fused``); ``KernelErrors.backend`` says which ran.
 """
 
 from __future__ import annotations
@@ -196,23 +196,32 @@ def kernel_errors(
     ri = row_index(rows, L, q.device)
     n = ri.numel()
     slots, targets = _target_slots(estimators)
-    if backend != "torch":
-        reasons = fused_reasons(estimators, q, k, attention_matrix=attention_matrix, backend=backend)
-        if backend == "triton" and reasons:
-            raise UnsupportedError(reasons)
-        if not reasons:
-            try:
-                sums = fused_kernel_sums(
-                    estimators, q, k, scale=scale, rows=ri, slots=slots, memory_budget=memory_budget
-                )
-                return KernelErrors(**sums, backend="triton")
-            except FusedOverflow:
-                if backend == "triton":
-                    raise
+    reasons = fused_reasons(estimators, q, k, backend=backend) if backend != "torch" else ["torch asked for"]
+    if backend == "triton" and reasons:
+        raise UnsupportedError(reasons)
     if attention_matrix and row_lse is None:
         row_lse = exact_row_lse(
             q, k, scale=scale, rows=rows, causal=causal, tile=tile, chunk=chunk, dtype=dtype
         )
+    if not reasons:
+        try:
+            sums = fused_kernel_sums(
+                estimators,
+                q,
+                k,
+                scale=scale,
+                rows=ri,
+                slots=slots,
+                causal=causal,
+                chunk=chunk,
+                tile=tile,
+                row_lse=row_lse if attention_matrix else None,
+                memory_budget=memory_budget,
+            )
+            return KernelErrors(**sums, backend="triton")
+        except FusedOverflow:
+            if backend == "triton":
+                raise
     S = len(estimators)
     F = max(e.feature_dim for e in estimators)
     t = min(tile, n)
