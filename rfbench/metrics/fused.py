@@ -131,18 +131,20 @@ def fused_reasons(
     return reasons
 
 
-def mean_form(forms: list[ExpForm], lead: torch.Size) -> ExpForm:
+def mean_form(forms: list[ExpForm]) -> ExpForm:
     """The form whose phi(q) . phi(k) is the mean over the S forms' estimates: features
-    concatenated along F, each scaled by 1/sqrt(S) on each side (bias - log(S)/2)."""
+    concatenated along F, each scaled by 1/sqrt(S) on each side (bias - log(S)/2). The forms must
+    share coef and P (``_same_norm``)."""
     S = len(forms)
-    shapes = [torch.broadcast_shapes(lead, f.lead_shape()) for f in forms]
-    W = torch.cat([f.W.expand(*s, *f.W.shape[-2:]) for f, s in zip(forms, shapes)], dim=-2)
-    bias = torch.cat([f.bias.expand(*s, f.bias.shape[-1]) for f, s in zip(forms, shapes)], dim=-1)
+    lead = torch.broadcast_shapes(*(f.lead_shape() for f in forms))  # () when all are shared
+    W = torch.cat([f.W.expand(*lead, *f.W.shape[-2:]) for f in forms], dim=-2)
+    bias = torch.cat([f.bias.expand(*lead, f.bias.shape[-1]) for f in forms], dim=-1)
     return ExpForm(W, bias - 0.5 * math.log(S), forms[0].coef, forms[0].P)
 
 
 class FusedOverflow(UnsupportedError):
-    """The op's float32 sums overflowed (kernel values above ~exp(44)): use the torch path."""
+    """The op's float32 sums are not usable (kernel values above ~exp(44) overflow their squares;
+    all below ~exp(-52) underflow to a zero sum of K^2): use the torch path."""
 
 
 def combine(
@@ -235,8 +237,8 @@ def fused_kernel_sums(
             max_feature_bytes=memory_budget,
         )
         sse, k2 = float(out.sse.sum()), float(out.sum_exact2.sum())
-        if not (math.isfinite(sse) and math.isfinite(k2)):
-            raise FusedOverflow(["kernel values overflow the fused op's float32 squares (above ~exp(44))"])
+        if not (math.isfinite(sse) and math.isfinite(k2) and k2 > 0):  # k2 = 0: every K^2 underflowed
+            raise FusedOverflow(["kernel values overflow (or all underflow) the fused op's float32 squares"])
         if row_norms is not None:
             attn.append(float(out.attn_sse.sum()) / (lead.numel() * out.attn_count))
         return sse, k2
@@ -256,6 +258,6 @@ def fused_kernel_sums(
                 else:
                     sse, k2 = run(f, *e.target_kernel.exponential_inputs(qs, ks))
                     target_rel.append(sse / k2)
-        bias_sse = per_seed[0][0] if len(forms) == 1 else run(mean_form(forms, lead))[0]
+        bias_sse = per_seed[0][0] if len(forms) == 1 else run(mean_form(forms))[0]
     out = combine(per_seed, target_rel, bias_sse, lead.numel() * rows.numel() ** 2)
     return dict(out, attn_mse=attn if row_lse is not None else None)

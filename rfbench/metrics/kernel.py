@@ -196,14 +196,17 @@ def kernel_errors(
     ri = row_index(rows, L, q.device)
     n = ri.numel()
     slots, targets = _target_slots(estimators)
-    reasons = fused_reasons(estimators, q, k, backend=backend) if backend != "torch" else ["torch asked for"]
-    if backend == "triton" and reasons:
-        raise UnsupportedError(reasons)
+    fused = False
+    if backend != "torch":
+        reasons = fused_reasons(estimators, q, k, backend=backend)
+        if backend == "triton" and reasons:
+            raise UnsupportedError(reasons)
+        fused = not reasons
     if attention_matrix and row_lse is None:
         row_lse = exact_row_lse(
             q, k, scale=scale, rows=rows, causal=causal, tile=tile, chunk=chunk, dtype=dtype
         )
-    if not reasons:
+    if fused:
         try:
             sums = fused_kernel_sums(
                 estimators,

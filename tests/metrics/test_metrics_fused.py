@@ -122,7 +122,7 @@ def test_mean_form_and_the_identity_give_the_torch_bias_and_variance(name):
     qs, ks = q * s, k * s
     forms = [e.form(e.params_ or {}) for e in ests]
     per_seed = [naive_kernel_error(qs, ks, f, dtype=F64) for f in forms]
-    bias = naive_kernel_error(qs, ks, MF.mean_form(forms, q.shape[:-2]), dtype=F64)
+    bias = naive_kernel_error(qs, ks, MF.mean_form(forms), dtype=F64)
     n = per_seed[0].count * q.shape[:-2].numel()
     got = MF.combine(
         [(float(p.sse.sum()), float(p.sum_exact2.sum())) for p in per_seed], [], float(bias.sse.sum()), n
