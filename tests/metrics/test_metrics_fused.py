@@ -229,3 +229,15 @@ def test_fused_matches_torch_path_on_a_gpu(causal):
         )
     assert got.bias2 == pytest.approx(want.bias2, rel=1e-4)
     assert got.mc_variance == pytest.approx(want.mc_variance, abs=1e-4 * sum(want.kernel_mse) / 2)
+
+
+@pytest.mark.triton
+def test_auto_takes_the_fused_path_where_no_reason_objects(monkeypatch):
+    """What auto does on CUDA, here on CPU tensors by emptying the reasons (the interpreter runs it)."""
+    pytest.importorskip("triton")
+    q, k = _data(L=16, d=8)
+    ests = _fitted("posrf-iid", 8, 8, [0, 1], q, k, 0.35)
+    monkeypatch.setattr("rfbench.metrics.kernel.fused_reasons", lambda *a, **kw: [])
+    _assert_fused_matches_torch(
+        M.kernel_errors(ests, q, k, scale=0.35), M.kernel_errors(ests, q, k, scale=0.35, backend="torch")
+    )
