@@ -176,3 +176,7 @@ def test_fused_attention_matrix_error_matches_torch(causal):
     _close(out, ref, KERNEL_ERROR_TOL["ieee"])
     torch.testing.assert_close(out.attn_sse.cpu(), ref.attn_sse, rtol=KERNEL_ERROR_TOL["ieee"], atol=0)
     assert out.attn_count == ref.attn_count == (37 * 38 // 2 if causal else 37 * 37)
+    one = fused_kernel_error(
+        q, k, form, row_norms=norms, causal=causal, max_feature_bytes=1, precision="ieee"
+    )
+    torch.testing.assert_close(one.attn_sse.cpu(), ref.attn_sse, rtol=KERNEL_ERROR_TOL["ieee"], atol=0)
