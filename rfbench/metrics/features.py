@@ -82,3 +82,18 @@ def key_sums(est, qs, ks, params, rows, causal: bool, chunk: int, dtype: torch.d
     if causal:
         return dn, cn
     return S_vec[:, 0], M[:, 0, 0]
+
+
+def estimate_row_lse(est, qs, ks, params, rows, causal: bool, chunk: int, tile: int, dtype: torch.dtype):
+    """``[G, n]``: log sum_{j visible} K^_ij of the query rows ``rows`` (every key, or j <= i when
+    causal), the estimated attention matrix's row normaliser in log space; qs, ks as ``key_sums``."""
+    if causal:
+        dn, cn = key_sums(est, qs, ks, params, rows, True, chunk, dtype)
+        return torch.log(dn) + cn
+    S_vec, M = key_sums(est, qs, ks, params, rows, False, chunk, dtype)
+    out = torch.empty(qs.shape[0], rows.numel(), dtype=dtype, device=qs.device)
+    for i0 in range(0, rows.numel(), tile):
+        r = rows[i0 : i0 + tile]
+        phi, c = row_features(est, qs[:, r], params, True, dtype)
+        out[:, i0 : i0 + r.numel()] = torch.log((phi * S_vec[:, None, :]).sum(dim=-1)) + c + M[:, None]
+    return out

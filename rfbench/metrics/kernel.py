@@ -29,9 +29,14 @@ tile))) whatever the number of pairs. The exact side is computed in float64 (``d
 Nothing is fitted here: data-dependent estimators must be fitted at the ``scale`` measured
 (``est.fit(q, k, scale=scale)``), else EstimatorError.
 
-The fused kernel-error op (``rfbench.ops.kernel_error``) is not used: it sums one estimator's
-float32 errors against one kernel, while these metrics need the S seeds' per-pair estimates in
-float64 in the same pass (bias2, mc_variance, the attention matrix, two kernels per seed).
+Backends (``backend``): "torch" is the streamed float64 path above. "triton" runs the fused
+kernel-error op (``rfbench.metrics.fused``: one call per seed, attention matrix included, one per
+seed against a DARK-type target, one for the seeds' mean), and refuses with ``fused_reasons``'
+list where it cannot serve the call. "auto" takes the fused op where ``fused_reasons`` is empty
+(CUDA, Triton, exponential unsigned maps computing in float32, seeds sharing their norm term,
+targets softmax or exp((Mq) . (Mk)), d <= 128) and the torch path otherwise, and also when the
+op's float32 squares overflow (kernel values above ~exp(44)). The two agree to ~1e-6 relative
+(see ``rfbench.metrics.fused``); ``KernelErrors.backend`` says which ran.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from dataclasses import dataclass
 import torch
 
 from rfbench._checks import check_qkv
-from rfbench.errors import DataError, EstimatorError
+from rfbench.errors import DataError, EstimatorError, UnsupportedError
 from rfbench.metrics.accumulate import AttentionSums, KernelSums
 from rfbench.metrics.features import key_sums, row_features
+from rfbench.metrics.fused import FusedOverflow, check_backend, fused_kernel_sums, fused_reasons
 from rfbench.metrics.reference import MEMORY_BUDGET, exact_row_lse
 from rfbench.metrics.tiles import flatten_lead, lead_groups, row_index, row_tiles, slice_params
 
@@ -139,6 +145,7 @@ class KernelErrors:
     mc_variance_rel: float
     mean_k2: float
     n_pairs: int
+    backend: str = "torch"
 
 
 def kernel_errors(
@@ -155,6 +162,7 @@ def kernel_errors(
     chunk: int = 1024,
     dtype: torch.dtype = torch.float64,
     memory_budget: int = MEMORY_BUDGET,
+    backend: str = "auto",
 ) -> KernelErrors:
     """Kernel errors of each estimator (one per seed) and their cross-seed bias^2 and variance.
 
@@ -171,10 +179,13 @@ def kernel_errors(
         dtype: dtype of the exact side and of the combination of features (float64).
         memory_budget: bytes of working memory; leading (batch/head) indices are processed
             together in groups that fit it (one at a time at least).
+        backend: "auto", "torch" or "triton" (the fused kernel-error op; see the module docstring
+            and ``rfbench.metrics.fused.fused_reasons``).
     """
     if not estimators:
         raise DataError("kernel_errors needs at least one estimator")
     est0 = estimators[0]
+    check_backend(backend)
     check_qkv(q, k, dim=est0.dim)
     if q.shape[-2] != k.shape[-2]:
         raise DataError(f"q and k must have the same length here, got {q.shape[-2]} and {k.shape[-2]}")
@@ -185,10 +196,35 @@ def kernel_errors(
     ri = row_index(rows, L, q.device)
     n = ri.numel()
     slots, targets = _target_slots(estimators)
+    fused = False
+    if backend != "torch":
+        reasons = fused_reasons(estimators, q, k, backend=backend)
+        if backend == "triton" and reasons:
+            raise UnsupportedError(reasons)
+        fused = not reasons
     if attention_matrix and row_lse is None:
         row_lse = exact_row_lse(
             q, k, scale=scale, rows=rows, causal=causal, tile=tile, chunk=chunk, dtype=dtype
         )
+    if fused:
+        try:
+            sums = fused_kernel_sums(
+                estimators,
+                q,
+                k,
+                scale=scale,
+                rows=ri,
+                slots=slots,
+                causal=causal,
+                chunk=chunk,
+                tile=tile,
+                row_lse=row_lse if attention_matrix else None,
+                memory_budget=memory_budget,
+            )
+            return KernelErrors(**sums, backend="triton")
+        except FusedOverflow:
+            if backend == "triton":
+                raise
     S = len(estimators)
     F = max(e.feature_dim for e in estimators)
     t = min(tile, n)

@@ -123,16 +123,20 @@ def kernel_error(
     tq: torch.Tensor | None = None,
     tk: torch.Tensor | None = None,
     *,
+    row_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    causal: bool = False,
     backend: str = "auto",
     tile: int = 1024,
     **kw,
 ) -> KernelErrorSums:
     """Kernel-error sums of ``form`` against exp(tq . tk) over all pairs (tq, tk default to q, k: the
     softmax kernel; pass the target's inputs, e.g. DARK's M q, M k), never holding an L x L matrix
-    (torch path: key tiles of ``tile``)."""
+    (torch path: key tiles of ``tile``). ``row_norms = (lse, lse^)``, each ``[..., Lq]``: each query
+    row's log-normaliser of exp(tq . tk) and of the estimate; with them the attention-matrix error
+    is summed too (over j <= i when ``causal``)."""
     tensors = [t for t in (q, k, tq, tk) if t is not None]
     if _use_triton(backend, tensors, form, (q if tq is None else tq).shape[-1]):
         from rfbench.ops.kernel_error.fused import fused_kernel_error
 
-        return fused_kernel_error(q, k, form, tq, tk, **kw)
-    return naive_kernel_error(q, k, form, tq, tk, tile=tile)
+        return fused_kernel_error(q, k, form, tq, tk, row_norms=row_norms, causal=causal, **kw)
+    return naive_kernel_error(q, k, form, tq, tk, tile=tile, row_norms=row_norms, causal=causal)

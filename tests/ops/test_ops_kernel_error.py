@@ -126,3 +126,57 @@ def test_fused_kernel_error_gpu_size(precision):
     tq, tk = q * 64**-0.25, k * 64**-0.25
     out = fused_kernel_error(q, k, form, tq, tk, precision=precision)
     _close(out, naive_kernel_error(q, k, form, tq, tk, tile=512), KERNEL_ERROR_TOL[precision])
+
+
+def _row_norms(exact, approx, causal):
+    """Each row's log-normalisers over its visible keys: of the exact kernel and of the estimate."""
+    if causal:
+        keep = torch.ones(exact.shape[-2:], dtype=torch.bool).tril()
+        exact, approx = exact * keep, approx * keep
+    return exact.sum(-1).log(), approx.sum(-1).log()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matrix_error_on_the_torch_path(causal):
+    """Given each row's normalisers, the attention-matrix error over the visible pairs, against the
+    row-normalised dense matrices (float64); tiling does not change it."""
+    est = rb.make_estimator("hyprf-iid", dim=8, num_features=12, seed=3, dtype=F64)
+    q, k = _x(2, 15, 8, seed=11).double(), _x(2, 15, 8, seed=12).double()
+    exact, approx = rb.exact.kernel(q, k), est.kernel(q, k)
+    norms = _row_norms(exact, approx, causal)
+    keep = torch.ones(15, 15, dtype=torch.bool).tril() if causal else torch.ones(15, 15, dtype=torch.bool)
+    A, Ah = exact / norms[0].exp().unsqueeze(-1), approx / norms[1].exp().unsqueeze(-1)
+    want = (((Ah - A) * keep) ** 2).sum(dim=(-2, -1))
+    for tile in (None, 4):
+        sums = naive_kernel_error(q, k, est.form({}), dtype=F64, tile=tile, row_norms=norms, causal=causal)
+        torch.testing.assert_close(sums.attn_sse, want)
+        assert sums.attn_count == int(keep.sum())
+        torch.testing.assert_close(sums.sse, ((exact - approx) ** 2).sum(dim=(-2, -1)))  # all pairs still
+    assert naive_kernel_error(q, k, est.form({}), dtype=F64).attn_sse is None
+    with pytest.raises(rb.DataError, match="causal needs as many queries as keys"):
+        naive_kernel_error(q, k[:, :9], est.form({}), row_norms=norms, causal=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_attention_matrix_error_matches_torch(causal):
+    pytest.importorskip("triton")
+    from rfbench.ops.kernel_error.fused import fused_kernel_error
+
+    est = rb.make_estimator("posrf-iid", dim=16, num_features=24, seed=5)
+    q, k = _x(2, 37, 16, seed=13, scale=0.5), _x(2, 37, 16, seed=14, scale=0.5)
+    form = est.form({})
+    norms = _row_norms(rb.exact.kernel(q.double(), k.double()), est.kernel(q, k).double(), causal)
+    ref = naive_kernel_error(q, k, form, row_norms=norms, causal=causal)
+    q, k, form = q.to(DEV), k.to(DEV), form.to(device=DEV)
+    norms = tuple(x.to(DEV) for x in norms)
+    out = fused_kernel_error(
+        q, k, form, row_norms=norms, causal=causal, block_q=16, block_k=16, precision="ieee"
+    )
+    _close(out, ref, KERNEL_ERROR_TOL["ieee"])
+    torch.testing.assert_close(out.attn_sse.cpu(), ref.attn_sse, rtol=KERNEL_ERROR_TOL["ieee"], atol=0)
+    assert out.attn_count == ref.attn_count == (37 * 38 // 2 if causal else 37 * 37)
+    one = fused_kernel_error(
+        q, k, form, row_norms=norms, causal=causal, max_feature_bytes=1, precision="ieee"
+    )
+    torch.testing.assert_close(one.attn_sse.cpu(), ref.attn_sse, rtol=KERNEL_ERROR_TOL["ieee"], atol=0)
