@@ -23,6 +23,12 @@ class EstimatorError(RFBenchError):
     """An estimator cannot be built or applied (unknown name, unsupported pair, bad parameter)."""
 
 
+class ClippingWarning(RuntimeWarning):
+    """A fitted parameter was clipped or floored (e.g. DARK's proposal eigenvalues): the estimate
+    stays valid (unbiased where it was) but is no longer the optimum its paper derives. The runner
+    writes these warnings into the cell's ``message``."""
+
+
 class UnsupportedError(EstimatorError):
     """A valid estimator cannot serve this case; ``reasons`` lists why, in plain words."""
 

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from rfbench.errors import EstimatorError
+from rfbench.errors import ClippingWarning, EstimatorError
 from rfbench.features.base import FeatureMap, Params, sq_norm
 from rfbench.features.target import SOFTMAX, TargetKernel, transformed_softmax
 from rfbench.ops.form import ExpForm
@@ -104,7 +104,7 @@ def whiten_eigs(evals: torch.Tensor, d: int, scale, eig_floor: float, who: str, 
         warnings.warn(
             f"{who} whitening: the queries/keys second moment is rank-deficient or ill-conditioned; "
             f"eigenvalues below {eig_floor:g} x the largest were raised to that floor",
-            RuntimeWarning,
+            ClippingWarning,
             stacklevel=stacklevel,
         )
     return (scale or d**-0.25) * torch.maximum(evals, floor).rsqrt()
@@ -133,9 +133,20 @@ def aligned_form(W: torch.Tensor, M: torch.Tensor) -> ExpForm:
     return ExpForm(W @ M, torch.zeros(W.shape[0], dtype=W.dtype, device=W.device), -0.5, M)
 
 
-def proposal_eigs(evals: torch.Tensor, max_eig: float) -> torch.Tensor:
+def proposal_eigs(evals: torch.Tensor, max_eig: float, who: str = "darkis") -> torch.Tensor:
     """Eigenvalues (1 + 2 lambda) / (1 - 2 lambda) of Sigma* ("Theorem 3.2"), lambda clipped to
-    [0, ``max_eig``] (< 1/2; clipping keeps the importance-sampled estimate unbiased)."""
+    [0, ``max_eig``] (< 1/2; clipping keeps the importance-sampled estimate unbiased, but Sigma*
+    then exists only for the clipped spectrum: a ClippingWarning says how much was clipped)."""
+    clipped = evals > max_eig
+    if bool(clipped.any()):  # one host sync per fit, not per forward
+        n, total = int(clipped.sum()), clipped.numel()
+        warnings.warn(
+            f"{who}: {n}/{total} eigenvalues of the queries/keys second moment clipped to "
+            f"max_eig={max_eig:g} (largest {float(evals.max()):.3g}); the proposal Sigma* needs every "
+            "eigenvalue below 1/2, so the estimate stays unbiased but its proposal is not the optimal one",
+            ClippingWarning,
+            stacklevel=3,
+        )
     lam = evals.clamp(min=0.0, max=max_eig)
     return (1 + 2 * lam) / (1 - 2 * lam)
 

@@ -144,7 +144,7 @@ class DARKLearned(FeatureMap):
         p = self.params
         if p["init"] == "whiten":
             return whiten_eigs(evals, d, p["whiten_scale"], p["eig_floor"], "darkl", stacklevel=4)
-        return proposal_eigs(evals, p["max_eig"]).sqrt()  # M0 = Sigma*^1/2
+        return proposal_eigs(evals, p["max_eig"], "darkl (proposal init)").sqrt()  # M0 = Sigma*^1/2
 
     def fit_params(self, q: torch.Tensor, k: torch.Tensor) -> Params:
         """Initial factors of M (see the module docstring), float64-computed, cast to q's dtype."""

@@ -25,13 +25,16 @@ raises but for Ctrl-C).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from rfbench import metrics as M
+from rfbench.errors import ClippingWarning
 from rfbench.suite import baselines
 from rfbench.suite import measure as X
 from rfbench.suite.plan import Cell, derive_seed
@@ -209,16 +212,18 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
         row["feature_dim"] = est.feature_dim
         if shared is not None:  # what fitting anew would give: the same parameters, this draw
             est = copy.deepcopy(shared[0]).redraw(row["seed"])
-            for col in ("fit_ms", "fit_best_step", "fit_stopped"):
+            for col in ("fit_ms", "fit_best_step", "fit_stopped", "message"):
                 row[col] = shared[1][col]
         elif suite.fit is not None:
-            res = _fit(est, row, ctx, suite, device)
+            with _clipping_noted(row):
+                res = _fit(est, row, ctx, suite, device)
             if len(res.curve):
                 curves.append(res.curve.assign(seed_index=i, seed=row["seed"]))
             if res.trained and res.seed_independent:
                 shared = (est, row)
         elif est.feature_map.data_dependent:
-            _, row["fit_ms"] = X.timed_call(lambda est=est: est.fit(q, k, scale=scale), device)
+            with _clipping_noted(row):
+                _, row["fit_ms"] = X.timed_call(lambda est=est: est.fit(q, k, scale=scale), device)
         row["target"] = est.target
         ests.append(est)
 
@@ -272,6 +277,24 @@ def _kernel_metrics(ests: list, rows: list[dict], ctx: Context, suite: Suite, ca
         mc_variance_rel=ke.mc_variance_rel,
         n_pairs=ke.n_pairs,
     )
+
+
+@contextlib.contextmanager
+def _clipping_noted(row: dict):
+    """Write the ClippingWarnings of a fit (DARK's clipped proposal or floored whitening) into the
+    row's message, each once; the status stays ok. Other warnings pass on unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClippingWarning)
+        yield
+    notes = []
+    for w in caught:
+        if issubclass(w.category, ClippingWarning):
+            if str(w.message) not in notes:
+                notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if notes:
+        row["message"] = "; ".join(filter(None, [row.get("message", ""), *notes]))
 
 
 def _fit(est, row: dict, ctx: Context, suite: Suite, device: torch.device):

@@ -7,6 +7,7 @@ Statistical checks use fixed seeds; tolerances are numbers of standard errors (S
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -367,3 +368,15 @@ def test_nan_inputs_and_unfitted_use_raise():
     with pytest.raises(DataError, match="NaN"):
         fixed.features(bad)
     assert issubclass(DataError, RFBenchError) and issubclass(EstimatorError, RFBenchError)
+
+
+def test_proposal_clipping_warns_with_the_share_clipped():
+    from rfbench.errors import ClippingWarning
+    from rfbench.features.dark import proposal_eigs
+
+    with pytest.warns(ClippingWarning, match=r"darkis: 2/4 eigenvalues .* max_eig=0.45 \(largest 3\)"):
+        s = proposal_eigs(torch.tensor([0.1, 0.2, 0.9, 3.0], dtype=F64), 0.45)
+    torch.testing.assert_close(s[2], s[3])  # both clipped to the same eigenvalue of Sigma*
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing above max_eig: no warning
+        proposal_eigs(torch.tensor([0.1, 0.2], dtype=F64), 0.45)
