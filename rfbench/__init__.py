@@ -1,11 +1,10 @@
 """rfbench: measure random-feature approximations of the softmax kernel exp(q . k)."""
 
 from rfbench import exact
+from rfbench._version import __version__  # noqa: F401  (re-exported)
 from rfbench.errors import DataError, EstimatorError, RFBenchError, SpecError, UnsupportedError
 from rfbench.estimator import Estimator
 from rfbench.registry import estimators, feature_maps, make_estimator, weight_matrices
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DataError",

@@ -132,7 +132,7 @@ def capture(
         meta["model_sha256"] = gguf.file_identity(folder)
     if ppl is not None:
         meta["next_token_ppl"] = f"{ppl:.4f}"
-    from rfbench import __version__
+    from rfbench._version import __version__
 
     meta["rfbench"] = __version__
     return Capture(q=rec.q.to(dtype), k=rec.k.to(dtype), v=rec.v.to(dtype), layers=rec.layers,

@@ -12,11 +12,11 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from rfbench._version import __version__
 from rfbench.results.meta import GitRecord, Machine, Meta, SuiteRecord
 from rfbench.suite import measure as X
 from rfbench.suite.spec_types import Suite
@@ -109,13 +109,9 @@ def build_meta(suite: Suite, devices: list[str], previous: Meta | None) -> Meta:
     """meta.json of a run of ``suite`` on ``devices`` into a folder that held ``previous``."""
     from rfbench import metrics as M
 
-    # The package is imported already (this module is part of it); reading its version from
-    # sys.modules keeps rfbench -> suite.runner -> provenance -> rfbench from being an import circle.
-    version = sys.modules["rfbench"].__version__
-
     validated = suite.to_dict()
     meta = Meta(
-        rfbench_version=version,
+        rfbench_version=__version__,
         suite=SuiteRecord(
             name=suite.name,
             path=None if suite.path is None else str(suite.path),
