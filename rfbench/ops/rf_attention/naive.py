@@ -121,7 +121,7 @@ def torch_rf_attention(
 
 
 # --------------------------------------------------------------------------- the CPU/torch fast path
-BLOCK = 1024  # tokens per feature block: a [H, 1024, 256] float32 block (8 MiB at H = 8) stays in L3
+BLOCK = 512  # tokens per feature block: a [H, 512, 256] float32 block (4 MiB at H = 8) stays in L3
 
 
 def _split_bias(bias: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -192,7 +192,9 @@ def blocked_rf_attention(
         return _blocked_causal(q, k, v1, Wt, bias, b0, sign, form, chunk, block)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], form.lead_shape())
     F, dv1 = Wt.shape[-1], v1.shape[-1]
-    S = q.new_zeros(*lead, F, dv1)  # sum_s E_s^T [v_s, 1] e^(l_s - c)
+    # S^T = sum_s [v_s, 1]^T E_s e^(l_s - c), held transposed: ([v, 1] w)^T E runs ~15 % faster
+    # than E^T ([v, 1] w) (BLAS prefers the long F = 256 side as the output's columns)
+    ST = q.new_zeros(*lead, dv1, F)
     c = q.new_full(lead, -math.inf)  # the running key constant (max l so far)
     for i in range(0, k.shape[-2], block):
         kb = k[..., i : i + block, :]
@@ -201,14 +203,15 @@ def blocked_rf_attention(
         c_new = torch.maximum(c, lk.amax(dim=-1))
         c_eff = c_new.masked_fill(c_new == -math.inf, 0.0)  # all-zero keys so far: constant 0
         w = torch.exp(lk - c_eff.unsqueeze(-1))  # <= 1
-        S = S * torch.exp(c - c_eff)[..., None, None] + E.transpose(-1, -2) @ (v1[..., i : i + block, :] * w.unsqueeze(-1))
+        vw = (v1[..., i : i + block, :] * w.unsqueeze(-1)).transpose(-1, -2)
+        ST = ST * torch.exp(c - c_eff)[..., None, None] + vw @ E
         c = c_new
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
     for i in range(0, q.shape[-2], block):
         Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias)  # per-query constant dropped: it cancels
         if sign is not None:
             Q.mul_(sign)
-        nd = Q @ S
+        nd = Q @ ST.transpose(-1, -2)
         torch.div(nd[..., :-1], nd[..., -1:], out=out[..., i : i + block, :])
     return out
 
