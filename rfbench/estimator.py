@@ -37,7 +37,7 @@ from rfbench.features.base import FeatureMap, Params
 from rfbench.features.target import TargetKernel, Trained
 from rfbench.ops.features.naive import stabiliser_constant
 from rfbench.ops.form import ExpForm
-from rfbench.ops.rf_attention.naive import linear_attention
+from rfbench.ops.rf_attention.naive import blocked_rf_attention, linear_attention
 from rfbench.weights.base import WeightMatrix
 
 __all__ = ["Estimator", "Trained"]
@@ -328,15 +328,20 @@ class Estimator:
         *,
         scale: float | None = None,
         chunk: int = 128,
+        check: bool = True,
     ) -> torch.Tensor:
         """Random-feature attention, approximating softmax(q k^T * scale) v.
 
         q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` -> ``[..., Lq, dv]`` in v's
         dtype. ``scale`` defaults to 1/sqrt(d); the feature map sees ``x * scale**0.5``.
         With ``causal`` (needs Lq == Lk), output t depends on tokens s <= t only. On CUDA the
-        fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math).
+        fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math); elsewhere
+        exponential maps take ``ops.blocked_rf_attention`` (same math, fewer passes over memory)
+        unless a gradient is needed.
+        ``check=False`` skips the NaN/Inf scan of q, k and v (shapes are still checked): for a
+        timed loop whose inputs were validated once (the scan is one read of each input).
         """
-        check_qkv(q, k, v, dim=self.dim)
+        check_qkv(q, k, v, dim=self.dim, finite=check)
         check_positive_int(chunk, "chunk", hint=" (tokens per causal block)")
         if causal and q.shape[-2] != k.shape[-2]:
             raise EstimatorError(
@@ -344,16 +349,32 @@ class Estimator:
             )
         scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
         s = math.sqrt(scale)
+        out_dtype = v.dtype
         params = self._fitted(scale)
         if q.is_cuda and params is not None:  # the kernels take q, k, v as given: no cast, no copy
             out = self._fused_attention(q, k, v, params, scale, causal)
             if out is not None:
                 return out
-        qs, ks = self._cast(q) * s, self._cast(k) * s
         if params is None:  # fitted on this call's tokens (FAVOR++/FAVOR# at attention time)
-            params = self._params(qs, ks, scale, causal=causal)
+            params = self._params(self._cast(q) * s, self._cast(k) * s, scale, causal=causal)
             out = self._fused_attention(q, k, v, params, scale, causal) if q.is_cuda else None
             if out is not None:
                 return out
+        v = self._cast(v)
+        # the blocked path reads the ExpForm only: not for a map whose log_features override it
+        form = self.form(params, scale) if type(self.feature_map).log_features is FeatureMap.log_features else None
+        if form is not None and not self._needs_grad(q, k, v, params, form):
+            # the scale is folded into the form (W s, coef s^2): q and k are read as given
+            return blocked_rf_attention(self._cast(q), self._cast(k), v, form, causal, chunk=chunk).to(out_dtype)
+        qs, ks = self._cast(q) * s, self._cast(k) * s
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
-        return linear_attention(Q, K, mk, self._cast(v), causal, chunk).to(v.dtype)
+        return linear_attention(Q, K, mk, v, causal, chunk).to(out_dtype)
+
+    def _needs_grad(self, *tensors) -> bool:
+        """True when autograd records the call (the blocked path builds its features in place)."""
+        if not torch.is_grad_enabled():
+            return False
+        flat = []
+        for t in tensors:
+            flat += list(t.values()) if isinstance(t, dict) else [t.W, t.bias, t.P] if isinstance(t, ExpForm) else [t]
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
