@@ -362,10 +362,12 @@ class Estimator:
                 return out
         v = self._cast(v)
         # the blocked path reads the ExpForm only: not for a map whose log_features override it
-        form = self.form(params, scale) if type(self.feature_map).log_features is FeatureMap.log_features else None
+        own_features = type(self.feature_map).log_features is not FeatureMap.log_features
+        form = None if own_features else self.form(params, scale)
         if form is not None and not self._needs_grad(q, k, v, params, form):
             # the scale is folded into the form (W s, coef s^2): q and k are read as given
-            return blocked_rf_attention(self._cast(q), self._cast(k), v, form, causal, chunk=chunk).to(out_dtype)
+            out = blocked_rf_attention(self._cast(q), self._cast(k), v, form, causal, chunk=chunk)
+            return out.to(out_dtype)
         qs, ks = self._cast(q) * s, self._cast(k) * s
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
         return linear_attention(Q, K, mk, v, causal, chunk).to(out_dtype)
@@ -376,5 +378,8 @@ class Estimator:
             return False
         flat = []
         for t in tensors:
-            flat += list(t.values()) if isinstance(t, dict) else [t.W, t.bias, t.P] if isinstance(t, ExpForm) else [t]
+            if isinstance(t, dict):
+                flat += list(t.values())
+            else:
+                flat += [t.W, t.bias, t.P] if isinstance(t, ExpForm) else [t]
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)

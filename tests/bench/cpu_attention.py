@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each timed lambda runs inside the loop iteration that made it)
 """CPU attention benchmark (issue 16): rfbench's torch path against the libraries a user would pick.
 
     python -m tests.bench.cpu_attention --out reports/cpu_bench [--L 1024 4096 16384] [--threads 2]
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -59,7 +59,10 @@ def _performer(causal):
     try:
         from performer_pytorch import FastAttention
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        return None, f"performer-pytorch not available ({type(e).__name__}: {e}); pip install performer-pytorch"
+        return (
+            None,
+            f"performer-pytorch not available ({type(e).__name__}: {e}); pip install performer-pytorch",
+        )
     torch.manual_seed(0)
     return FastAttention(dim_heads=D, nb_features=M, causal=causal).eval(), None
 
@@ -85,7 +88,10 @@ def matmul_rate(L, rounds=5):
     x, w = torch.randn(H, L, D, generator=g), torch.randn(D, M, generator=g)
     a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
     out = {}
-    for name, fn, fl in [("proj", lambda: x @ w, 2 * H * L * D * M), ("square2048", lambda: a @ b, 2 * 2048**3)]:
+    for name, fn, fl in [
+        ("proj", lambda: x @ w, 2 * H * L * D * M),
+        ("square2048", lambda: a @ b, 2 * 2048**3),
+    ]:
         fn()
         out[name] = fl / statistics.median(_time(fn) for _ in range(rounds)) / 1e9
     return out
@@ -128,26 +134,41 @@ def run(Ls, threads, rounds, out_dir: Path | None):
             for name, ts in times.items():
                 med = statistics.median(ts)
                 row = {
-                    "provider": name, "L": L, "causal": causal, "threads": threads, "rounds": rounds,
-                    "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
-                    "rel_err_vs_exact": None if exact is None else
-                    ((outs[name] - exact).norm() / exact.norm()).item(),
-                    "sgemm_proj_gflops": rate["proj"], "sgemm_square_gflops": rate["square2048"],
+                    "provider": name,
+                    "L": L,
+                    "causal": causal,
+                    "threads": threads,
+                    "rounds": rounds,
+                    "median_ms": med * 1e3,
+                    "min_ms": min(ts) * 1e3,
+                    "max_ms": max(ts) * 1e3,
+                    "rel_err_vs_exact": None
+                    if exact is None
+                    else ((outs[name] - exact).norm() / exact.norm()).item(),
+                    "sgemm_proj_gflops": rate["proj"],
+                    "sgemm_square_gflops": rate["square2048"],
                 }
                 if name != "sdpa":
                     row["gflops"] = rf_flops(L, causal) / med / 1e9
                 rows.append(row)
-            print(f"L={L} causal={causal}: " + ", ".join(
-                f"{n} {statistics.median(t) * 1e3:.1f} ms" for n, t in times.items()), flush=True)
+            print(
+                f"L={L} causal={causal}: "
+                + ", ".join(f"{n} {statistics.median(t) * 1e3:.1f} ms" for n, t in times.items()),
+                flush=True,
+            )
     machine = {
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": threads, "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "python": platform.python_version(),
     }
     md = _markdown(rows, notes, machine)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.md").write_text(md)
-        (out_dir / "results.json").write_text(json.dumps({"machine": machine, "notes": notes, "rows": rows}, indent=1))
+        (out_dir / "results.json").write_text(
+            json.dumps({"machine": machine, "notes": notes, "rows": rows}, indent=1)
+        )
     print(md)
     return rows
 
@@ -155,11 +176,14 @@ def run(Ls, threads, rounds, out_dir: Path | None):
 def _markdown(rows, notes, machine):
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     lines = [
-        f"# CPU attention, B=1 H={H} d={D} m={M} float32, {machine['threads']} threads, torch {machine['torch']}",
+        f"# CPU attention, B=1 H={H} d={D} m={M} float32, {machine['threads']} threads, "
+        f"torch {machine['torch']}",
         "",
         "Median ms over interleaved rounds (all providers timed in turn each round).",
         "",
-        "| L | causal | " + " | ".join(provs) + " | rfbench vs performer | rfbench vs plain | rfbench GFLOP/s | sgemm GFLOP/s (proj / 2048^2) |",
+        "| L | causal | "
+        + " | ".join(provs)
+        + " | rfbench vs performer | rfbench vs plain | rfbench GFLOP/s | sgemm GFLOP/s (proj / 2048^2) |",
         "|---" * (len(provs) + 6) + "|",
     ]
     key = {(r["L"], r["causal"], r["provider"]): r for r in rows}
@@ -172,7 +196,8 @@ def _markdown(rows, notes, machine):
             me = rr["rfbench"]
             ratio = lambda p: "-" if rr.get(p) is None else f"{rr[p]['median_ms'] / me['median_ms']:.2f}x"  # noqa: E731
             lines.append(
-                f"| {L} | {causal} | " + " | ".join(cell(p) for p in provs)
+                f"| {L} | {causal} | "
+                + " | ".join(cell(p) for p in provs)
                 + f" | {ratio('performer')} | {ratio('plain_posrf')} | {me['gflops']:.0f}"
                 + f" | {me['sgemm_proj_gflops']:.0f} / {me['sgemm_square_gflops']:.0f} |"
             )

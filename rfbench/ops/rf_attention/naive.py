@@ -142,7 +142,9 @@ def _row_term(x: torch.Tensor, form: ExpForm, b0: torch.Tensor) -> torch.Tensor:
     return form.coef * (y * y).sum(-1) + b0
 
 
-def _exp_block(x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _exp_block(
+    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E, r)``: E = exp(a - r) ``[..., n, F]`` built in place, a = x W^T (+ bias_f), r ``[..., n]``
     its row max (the per-token stabiliser; -inf -> 0 as in ``stabiliser_constant``)."""
     a = x @ Wt
@@ -244,7 +246,8 @@ def _blocked_causal(q, k, v1, Wt, bias, b0, sign, form, chunk, block):
         mk = pm.masked_fill(pm == -math.inf, 0.0)
         for j in range(0, Q.shape[-2], chunk):
             sl = slice(j, j + chunk)
-            Qc, Ec, lc, mc, vc = Q[..., sl, :], E[..., sl, :], lk[..., sl], mk[..., sl], v1[..., b + j : b + j + chunk, :]
+            Qc, Ec, lc, mc = Q[..., sl, :], E[..., sl, :], lk[..., sl], mk[..., sl]
+            vc = v1[..., b + j : b + j + chunk, :]
             n = mc.shape[-1]
             nd = (Qc @ S).mul_(torch.exp((c.unsqueeze(-1) - mc).clamp(max=0)).unsqueeze(-1))
             dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).clamp(max=0)  # [..., t, s] = l_s - m_t
@@ -253,6 +256,7 @@ def _blocked_causal(q, k, v1, Wt, bias, b0, sign, form, chunk, block):
             torch.div(nd[..., :-1], nd[..., -1:], out=out[..., b + j : b + j + n, :])
             c_new = mc[..., -1]
             wr = torch.exp((lc - c_new.unsqueeze(-1)).clamp(max=0))
-            S = S * torch.exp((c - c_new).clamp(max=0))[..., None, None] + Ec.transpose(-1, -2) @ (vc * wr.unsqueeze(-1))
+            carry = torch.exp((c - c_new).clamp(max=0))[..., None, None]
+            S = S * carry + Ec.transpose(-1, -2) @ (vc * wr.unsqueeze(-1))
             c = c_new
     return out
