@@ -292,11 +292,6 @@ class Estimator:
         reasons = []
         if form is None:
             reasons.append(f"feature map {self.feature_map.name!r} is not exponential (no ExpForm)")
-        elif form.signed:
-            reasons.append(
-                f"weight matrix {self.weight_matrix.name!r} drew negative quadrature weights, so the "
-                "features are signed; the fused kernels serve positive features only"
-            )
         if self.device.type != "cuda" or q.device != self.device:
             reasons.append(f"estimator on {self.device} with inputs on {q.device}; the kernels run on CUDA")
         if self.compute_dtype != torch.float32:
@@ -310,7 +305,7 @@ class Estimator:
             reasons.append(
                 "gradients are needed: the fused kernels have no backward pass (the torch path has)"
             )
-        return reasons + ops.not_supported_reasons(q, k, v, d=q.shape[-1], dv=v.shape[-1])
+        return reasons + ops.not_supported_reasons(q, k, v, d=q.shape[-1], dv=v.shape[-1], form=form)
 
     def _fused_attention(self, q, k, v, params: Params, scale: float, causal: bool) -> torch.Tensor | None:
         """``ops.rf_attention`` on ``self.form(params, scale)``, or None where ``fused_reasons`` objects."""

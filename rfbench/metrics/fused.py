@@ -89,11 +89,8 @@ def fused_reasons(
     for e, f in zip(estimators, forms):
         if f is None:
             reasons.append(f"feature map {e.feature_map.name!r} is not exponential (no ExpForm)")
-        elif f.signed:
-            reasons.append(
-                f"{e.name} has negative quadrature row weights (a signed form); the op serves "
-                "positive features only"
-            )
+        else:
+            reasons += [f"{e.name}: {r}" for r in ops.form_reasons(f)]  # the ops' own rule, once
         target = e.target_kernel
         if not target.is_softmax and target.log_kernel is not None and target.transform is None:
             reasons.append(

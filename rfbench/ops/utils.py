@@ -57,7 +57,7 @@ def form_reasons(form) -> list[str]:
     """Why the fused kernels cannot serve this ExpForm (empty when they can)."""
     if form is not None and form.signed:
         return [
-            "the form is signed (negative quadrature row weights): the fused kernels serve positive "
+            "a signed form (negative quadrature row weights): the fused kernels serve positive "
             "features only; the torch path serves signed ones"
         ]
     return []
