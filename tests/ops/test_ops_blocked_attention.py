@@ -101,7 +101,7 @@ def test_blocked_is_exact_where_unstabilised_features_overflow():
 
 
 def test_blocked_float32_agrees_with_torch_path():
-    """float32, as the Estimator runs it: the blocked path equals the unblocked torch reference to rounding."""
+    """float32, as the Estimator runs it: blocked equals the unblocked torch reference to rounding."""
     form = _form((), 64, 16, uniform_bias=False).to(dtype=torch.float32)
     q, k, v = (t.float() for t in _qkv((2,), 300, 16, 8, 2.0, seed=6))
     for causal in (False, True):
