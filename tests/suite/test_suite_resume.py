@@ -71,7 +71,7 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
     done_before = set(store.cell_files(out))
     assert 1 <= len(done_before) < n_cells  # killed in the middle of the sweep
     meta = R.load_meta(out)
-    assert meta.runs[-1]["status"] == "running"  # the killed run never closed its record
+    assert meta.runs[-1]["status"] == "died"  # never closed by the killed run; its process is gone
 
     calls = []
     real = cells.run_cell
