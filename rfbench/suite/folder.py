@@ -169,6 +169,8 @@ def _check_cells(out: Path, cells: list[Cell], infos: dict[str, store.CellInfo])
         if hit is None:
             continue
         edits = _diff(hit[1], c.key, "")
+        if not edits:
+            continue  # the same cell under another file name: a copy, not an edit
         raise SpecError(
             f"{out}: the suite changes what finished cell {c.label()} means ({'; '.join(edits[:3])}); "
             "give the changed estimator or data source another label, or use another --out"
