@@ -18,7 +18,6 @@ from rfbench.results import store
 from rfbench.results.meta import Meta, SuiteRecord, assemble_meta, read_meta, write_run
 
 
-
 def _rows(cell: str, values, status="ok"):
     base = dict(suite="t", cell=cell, kind="estimator", estimator="posrf-iid", feature_map="posrf",
                 weight_matrix="iid", data="iso", seq_len=16, num_features=4, feature_dim=4, dim=8, batch=1,

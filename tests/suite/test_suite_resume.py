@@ -145,7 +145,8 @@ def test_extending_a_sweep_runs_only_the_new_cells(tmp_path, counted):
     first = set(store.cell_files(out))
     assert len(first) == 2
     wider = TINY.replace('names = ["gerf-iid"]', 'names = ["gerf-iid", "hyprf-orf"]')
-    wider = wider.replace("seq_len = [16]", "seq_len = [16, 24]").replace("num_features = [4]", "num_features = [4, 8]")
+    wider = wider.replace("seq_len = [16]", "seq_len = [16, 24]")
+    wider = wider.replace("num_features = [4]", "num_features = [4, 8]")
     wider += '[[data]]\nkind = "isotropic"\ndim = 8\nlabel = "iso2"\nseed = 3\n'
     counted.clear()
     _run(wider, out, resume=True)
@@ -164,13 +165,15 @@ def test_extending_a_sweep_runs_only_the_new_cells(tmp_path, counted):
 @pytest.mark.parametrize(
     "edit, named",
     [
-        (("kernel_max_tokens = 16", "kernel_max_tokens = 8"), r"\[metrics\] changed \(metrics.kernel_max_tokens: 16 -> 8"),
+        (("kernel_max_tokens = 16", "kernel_max_tokens = 8"),
+         r"\[metrics\] changed \(metrics.kernel_max_tokens: 16 -> 8"),
         (("enabled = false", "enabled = true"), r"\[timing\] changed \(timing.enabled: False -> True"),
         (("count = 2", "count = 1"), "seeds.count went down"),
         (("[seeds]", "[seeds]\nbase = 7"), "seeds.base changed"),
         (('label = "iso"', 'label = "iso"\nseed = 5'), r"data.seed: 0 -> 5"),
         (('baselines = ["exact"]', 'baselines = ["exact"]\n[estimators.params]\ngerf = { A = -0.1 }'),
-         r"finished cell gerf-iid m=4 iso L=16 float32 cpu means \(estimator.feature_params added \(\{'A': -0.1\}\)"),
+         r"finished cell gerf-iid m=4 iso L=16 float32 cpu means "
+         r"\(estimator.feature_params added \(\{'A': -0.1\}\)"),
         (('name = "tiny"', 'name = "other"'), "different suite"),
     ],
 )
@@ -212,7 +215,7 @@ def test_a_damaged_meta_json_does_not_block_resume(tmp_path, counted, damage):
 
 def _read_only(monkeypatch):
     """Make every write fail as on a read-only file system (root ignores permission bits)."""
-    real_open, real_mkdir = os.open, os.mkdir
+    real_open = os.open
 
     def fail(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
