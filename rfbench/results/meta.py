@@ -280,9 +280,12 @@ def assemble_meta(out: str | os.PathLike) -> Meta | None:
     metas, _ = read_runs(out)
     if not metas:
         return None
-    metas.sort(key=lambda m: str(m.start_time or ""))
-    runs = [_status(r) for m in metas for r in m.runs]
-    runs.sort(key=lambda r: str(r.get("start_time") or ""))
+    def started(r: dict) -> tuple:  # ISO time to the second; ``start_unix`` breaks ties
+        unix = r.get("start_unix")
+        return str(r.get("start_time") or ""), unix if isinstance(unix, (int, float)) else 0.0
+
+    metas.sort(key=lambda m: max((started(r) for r in m.runs), default=(str(m.start_time or ""), 0.0)))
+    runs = sorted((_status(r) for m in metas for r in m.runs), key=started)
     view = dataclasses.replace(metas[-1], runs=runs, document=None)
     starts = [m.start_time for m in metas if m.start_time]
     ends = [r.get("end_time") for r in runs if r.get("end_time")]

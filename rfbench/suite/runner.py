@@ -143,7 +143,7 @@ def run_suite(
         done=len(mine) - len(todo),
         argv=sys.argv,
     )
-    run["run_id"] = run_id
+    run.update(run_id=run_id, start_unix=time.time())
     meta = provenance.build_meta(suite, devices, None)
     meta.runs = [run]
     meta.command = list(sys.argv)
