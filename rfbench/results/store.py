@@ -163,7 +163,7 @@ def remove_stale_temporaries(out: Path, stale_after_s: float = STALE_AFTER_S) ->
     when its writer is gone (a dead process of this host, or no change for ``stale_after_s``):
     another live writer's file in progress is left alone."""
     n = 0
-    for folder in (Path(out), cells_dir(out), fits_dir(out)):
+    for folder in (Path(out), cells_dir(out), fits_dir(out), Path(out) / "runs"):
         if not folder.is_dir():
             continue
         for p in folder.glob(".*"):

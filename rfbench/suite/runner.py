@@ -99,9 +99,10 @@ def run_suite(
         its cells. An id the suite does not plan is a SpecError.
 
     Any number of calls, in any processes and on any hosts, may write one folder at once: each
-    claims a cell before computing it (``rfbench.results.claims``), skips cells another live
-    writer holds or has finished, writes its own run record and consolidates under the folder
-    lock. A call killed loses at most its cell in flight. Folder I/O failures (a full disk, a
+    claims a cell before computing it (``rfbench.results.claims``), skips cells another writer
+    has finished, waits for those another live writer holds (taking them over if it dies), writes
+    its own run record (``runs/<run id>.json``, listing the cells it computed) and consolidates
+    under the folder lock. A call killed loses at most its cell in flight. Folder I/O failures (a full disk, a
     read-only folder) raise DataError with one line; a resume with nothing left to do writes
     nothing.
     """
@@ -180,15 +181,20 @@ def _io_message(out: Path, exc: OSError) -> str:
     return f"cannot write the results folder {out}: {what}; {fix}"
 
 
+#: Seconds between looks at cells other writers hold (doubling up to the second figure).
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.05, 2.0
+
+
 def _sweep(
     suite: Suite, out: Path, todo: list[Cell], order: list[str], meta: Meta, state, show: bool
 ) -> None:
     """Claim and run each cell of ``todo``, writing each as it finishes; consolidate and close
-    this run's record whatever happens."""
+    this run's record whatever happens. Returns when every cell of ``todo`` is finished, here or
+    by another writer (whose claim, should it die, expires: ``rfbench.results.claims``)."""
     run = meta.runs[0]
     counts: dict[str, int] = {}
     computed: list[str] = []
-    busy = 0  # cells another writer held or finished meanwhile
+    by_others = 0  # cells another writer finished meanwhile
     ctx_holder: dict = {}
     bar = None
     if show:
@@ -198,23 +204,33 @@ def _sweep(
     status, failure = "interrupted", None
     try:
         with Claims(out, run["run_id"]) as claims:
-            for cell in todo:
-                if bar is not None:
-                    bar.set_postfix_str(cell.label()[:60], refresh=False)
-                if not claims.claim(cell.cell):
-                    busy += 1
-                elif _written_meanwhile(out, cell, state):
-                    claims.release(cell.cell)
-                    busy += 1
-                else:
-                    try:
-                        worst = _run_one(suite, out, cell, run["run_id"], ctx_holder)
-                    finally:
+            pending, pause = list(todo), _FIRST_PAUSE_S
+            while pending:  # a cell another live writer holds is waited for (or taken over if it dies)
+                held = []
+                for cell in pending:
+                    if bar is not None:
+                        bar.set_postfix_str(cell.label()[:60], refresh=False)
+                    if _written_meanwhile(out, cell, state):
+                        by_others += 1
+                    elif not claims.claim(cell.cell):
+                        held.append(cell)
+                        continue
+                    elif _written_meanwhile(out, cell, state):  # finished just before the claim
                         claims.release(cell.cell)
-                    computed.append(cell.cell)
-                    counts[worst] = counts.get(worst, 0) + 1
-                if bar is not None:
-                    bar.update(1)
+                        by_others += 1
+                    else:
+                        try:
+                            worst = _run_one(suite, out, cell, run["run_id"], ctx_holder)
+                        finally:
+                            claims.release(cell.cell)
+                        computed.append(cell.cell)
+                        counts[worst] = counts.get(worst, 0) + 1
+                    if bar is not None:
+                        bar.update(1)
+                pause = _FIRST_PAUSE_S if len(held) < len(pending) else min(2 * pause, _MAX_PAUSE_S)
+                pending = held
+                if pending:
+                    time.sleep(pause)
         status = "finished"
     except OSError as exc:
         status, failure = "failed", _io_message(out, exc)
@@ -228,7 +244,7 @@ def _sweep(
             status=status,
             status_counts=counts,
             cells_computed=computed,
-            cells_left_to_others=busy,
+            cells_done_by_others=by_others,
         )
         if failure:
             run["message"] = failure

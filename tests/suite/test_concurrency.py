@@ -86,7 +86,7 @@ def _trial(suite_file, out, shards: bool) -> dict:
         "finished": sum(r["status"] == "finished" for r in records),
         "meta_runs": len(json.loads((out / "meta.json").read_text())["runs"]),
         "split": sorted((len(r["cells_computed"]) for r in records), reverse=True),
-        "left_to_others": sum(r.get("cells_left_to_others", 0) for r in records),
+        "by_others": sum(r.get("cells_done_by_others", 0) for r in records),
     }
 
 
@@ -116,6 +116,6 @@ def test_four_writers_share_one_folder_20_trials(tmp_path):
     print(
         f"\n20 trials x {WORKERS} writers x {N_CELLS} cells: 0 crashes, 0 cells computed twice, "
         f"20 complete folders, {20 * WORKERS} run records; trials where >1 writer computed cells: "
-        f"{shared}; cells skipped as claimed/done by another: "
-        f"{sum(f['left_to_others'] for f in figures)}; splits: {[f['split'] for f in figures]}"
+        f"{shared}; cells found finished by another: "
+        f"{sum(f['by_others'] for f in figures)}; splits: {[f['split'] for f in figures]}"
     )
