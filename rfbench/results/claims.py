@@ -89,9 +89,22 @@ def read_claim(path: Path) -> dict | None:
     return {**owner, "mtime": mtime}
 
 
-def claim_is_stale(info: dict, stale_after_s: float = STALE_AFTER_S) -> bool:
+def claim_is_stale(info: dict, stale_after_s: float | None = None) -> bool:
     pid = info.get("pid")
-    return owner_gone(info.get("host"), pid if isinstance(pid, int) else None, info["mtime"], stale_after_s)
+    limit = STALE_AFTER_S if stale_after_s is None else stale_after_s
+    return owner_gone(info.get("host"), pid if isinstance(pid, int) else None, info["mtime"], limit)
+
+
+def list_claims(out: str | os.PathLike) -> dict[str, dict]:
+    """``{cell: owner}`` of the claims in a folder (the cells being computed now), each owner
+    with ``host``, ``pid``, ``run_id``, ``mtime`` (last heartbeat) and ``stale``."""
+    folder = Path(out) / CLAIMS_DIR
+    found = {}
+    for p in sorted(folder.glob("*.claim")) if folder.is_dir() else []:
+        info = read_claim(p)
+        if info is not None:
+            found[p.stem] = {**info, "stale": claim_is_stale(info)}
+    return found
 
 
 class Claims:
@@ -102,13 +115,13 @@ class Claims:
         out: str | os.PathLike,
         run_id: str,
         *,
-        stale_after_s: float = STALE_AFTER_S,
+        stale_after_s: float | None = None,
         heartbeat_s: float | None = None,
     ):
         self.folder = Path(out) / CLAIMS_DIR
         self.out = Path(out)
         self.run_id = run_id
-        self.stale_after_s = float(stale_after_s)
+        self.stale_after_s = float(STALE_AFTER_S if stale_after_s is None else stale_after_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(self.stale_after_s / 8, 0.05)
         self.held: set[str] = set()
         self._lock = threading.Lock()

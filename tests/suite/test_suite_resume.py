@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -292,3 +293,34 @@ def _file(tmp_path, text) -> str:
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     return str(path)
+
+
+def test_a_run_waits_for_a_live_claim_and_takes_over_a_silent_one(tmp_path, counted, monkeypatch):
+    from rfbench.results import claims as CL
+
+    out = _run(TINY, tmp_path / "o")
+    victims = sorted(store.cell_files(out))
+    for v in victims:
+        store.cell_path(out, v).unlink()
+    # one cell held by a writer elsewhere that stopped beating, one by a live writer that finishes it
+    (out / "claims").mkdir(exist_ok=True)
+    (out / "claims" / f"{victims[0]}.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    live = CL.Claims(out, "live-run", heartbeat_s=0.05).__enter__()  # its heartbeat keeps beating
+    assert live.claim(victims[1])
+    monkeypatch.setattr(CL, "STALE_AFTER_S", 0.5)
+
+    def finish_later():
+        time.sleep(1.0)
+        store.write_cell(out, victims[1], [], {"status": "ok", "run_id": "live-run"})
+        live.release(victims[1])
+        live.__exit__(None, None, None)
+
+    helper = threading.Thread(target=finish_later)
+    helper.start()
+    counted.clear()
+    _run(TINY, out, resume=True)
+    helper.join()
+    assert counted == [victims[0]]  # taken over once silent; the live writer's cell left to it
+    run = R.load_meta(out).runs[-1]
+    assert run["cells_computed"] == [victims[0]] and run["cells_done_by_others"] == 1
+    assert CL.list_claims(out) == {}
