@@ -102,9 +102,9 @@ def run_suite(
     claims a cell before computing it (``rfbench.results.claims``), skips cells another writer
     has finished, waits for those another live writer holds (taking them over if it dies), writes
     its own run record (``runs/<run id>.json``, listing the cells it computed) and consolidates
-    under the folder lock. A call killed loses at most its cell in flight. Folder I/O failures (a full disk, a
-    read-only folder) raise DataError with one line; a resume with nothing left to do writes
-    nothing.
+    under the folder lock. A call killed loses at most its cell in flight. Folder I/O failures
+    (a full disk, a read-only folder) raise DataError with one line; a resume with nothing left
+    to do succeeds on a read-only folder too.
     """
     suite = _as_suite(spec_or_path)
     out = Path(out) if out is not None else Path("reports") / suite.name
@@ -125,16 +125,6 @@ def run_suite(
     with _folder_io(out):
         state = folder.open_folder(out, suite, planned, mine, resume)
     todo = [c for c in mine if c.cell not in state.done]
-    if not todo and resume:
-        print(
-            f"rfbench run: nothing left to do in {out}: its {len(mine)} cell(s) are finished", file=sys.stderr
-        )
-        with contextlib.suppress(OSError, RFBenchError):  # a read-only folder is read as it is
-            store.repair_tables(out)
-        return out
-    with _folder_io(out):
-        folder.repair(out)
-    run_id = new_run_id()
     run = provenance.run_record(
         resume=resume,
         shard=shard,
@@ -144,11 +134,22 @@ def run_suite(
         done=len(mine) - len(todo),
         argv=sys.argv,
     )
-    run.update(run_id=run_id, start_unix=time.time())
+    run.update(run_id=new_run_id(), start_unix=time.time())
     meta = provenance.build_meta(suite, devices, None)
     meta.runs = [run]
     meta.command = list(sys.argv)
+    if not todo and resume:
+        print(
+            f"rfbench run: nothing left to do in {out}: its {len(mine)} cell(s) are finished", file=sys.stderr
+        )
+        run.update(end_time=provenance.now(), status="finished", cells_computed=[], cells_done_by_others=0)
+        meta.end_time = run["end_time"]
+        with contextlib.suppress(OSError, RFBenchError):  # a read-only folder is read as it is
+            write_run(out, meta)
+            store.repair_tables(out)
+        return out
     with _folder_io(out):
+        folder.repair(out)
         write_run(out, meta)
     threads_before = torch.get_num_threads()
     if suite.timing.threads:

@@ -160,7 +160,7 @@ def test_extending_a_sweep_runs_only_the_new_cells(tmp_path, counted):
     counted.clear()
     _run(wider.replace("count = 2", "count = 3"), out, resume=True)
     assert counted == []
-    assert [r["cells_this_run"] for r in R.load_meta(out).runs] == [2, 18, 16]  # the last: nothing to do
+    assert [r["cells_this_run"] for r in R.load_meta(out).runs] == [2, 18, 16, 0]  # the last: nothing to do
 
 
 @pytest.mark.parametrize(
