@@ -6,8 +6,9 @@
     R.load_meta(folder)      # rfbench.results.meta.Meta (typed meta.json)
 
 Modules: ``schema`` (the column registry), ``atomic`` (the one atomic write), ``store`` (cell
-files, consolidation, the stale-table rule, fit curves), ``summary`` (``summarise``,
-``mean_ci``), ``meta`` (``Meta``, ``read_meta``, ``write_meta``). The runner writes through
+files, consolidation, the stale-table rule, quarantine, fit curves), ``summary`` (``summarise``,
+``mean_ci``), ``meta`` (``Meta``, ``read_meta``, ``write_meta``, run records), ``claims`` (cell
+claims and the folder lock, for many writers). The runner writes through
 this package and the report reads through it. Names are imported lazily, so that
 ``rfbench.results.schema`` (which the suite parser uses) costs no pandas import.
 """

@@ -1,12 +1,14 @@
 """The one atomic file write of rfbench (results, captures, report pages).
 
 ``atomic_write(path, write)`` calls ``write(tmp)`` on a temporary file beside ``path`` whose name
-is unique to this process and call (``.<name>.<pid>.<random>.tmp``, created with O_EXCL, so two
-writers sharing a folder never write to one file), flushes it to disk (fsync), gives it the
+is unique to this process and call (``.<name>.<pid>@<host>.<random>.tmp``, created with O_EXCL,
+so two writers sharing a folder never write to one file, and ``temporary_owner`` can tell whose
+it is), flushes it to disk (fsync), gives it the
 mode an ordinary ``open()`` would (0o666 masked by the umask: mkstemp alone leaves 0600, which
 another user of a shared results folder could not read) and moves it onto ``path`` with
 ``os.replace`` (atomic on POSIX): a reader sees the old file or the new one, never half of one.
-A killed write leaves only a ``.*.tmp`` file, which readers ignore.
+A killed write leaves only a ``.*.tmp`` file, which readers ignore (and which
+``rfbench.results.store.remove_stale_temporaries`` deletes once its owner is dead).
 
 ``path`` must not be a symbolic link: replacing it would silently cut the link (or, written in
 place, write through it into a file elsewhere); DataError says so instead.
@@ -15,6 +17,8 @@ place, write through it into a file elsewhere); DataError says so instead.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 from rfbench.errors import DataError
 
 TMP_SUFFIX = ".tmp"
+_OWNER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.[^.]+\.tmp$")
 
 
 def _umask() -> int:
@@ -52,7 +57,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     if path.is_symlink():
         raise DataError(f"{path} is a symbolic link; rfbench does not write through links (remove it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
+    prefix = f".{path.name}.{os.getpid()}@{_host()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -88,3 +94,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a temporary file of an unfinished write (readers skip these)."""
     return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("@", "_").replace("/", "_")
+
+
+def temporary_owner(path: Path) -> tuple[str, int] | None:
+    """``(host, pid)`` of the writer of a temporary file, or None when its name does not say
+    (files of older rfbench versions)."""
+    m = _OWNER.match(Path(path).name)
+    return None if m is None else (m["host"], int(m["pid"]))

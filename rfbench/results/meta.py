@@ -4,6 +4,15 @@
     meta.suite.name, meta.git.revision, meta.machine.cpu, meta.versions["torch"], meta.runs[-1]
     write_meta(path, meta)
 
+Many writers share a folder, so none rewrites another's record: each run (a shard, an array
+task, a resume) writes its own ``runs/<run id>.json`` (``write_run``: a meta document whose
+``runs`` holds that one record) and ``assemble_meta`` builds the folder's view from all of them:
+the latest run's suite and machine, the first start time, the latest end time, every record by
+start time. A record still "running" whose process of this host is gone reads as "died".
+``meta.json`` is that view, rewritten under the folder lock when results are consolidated;
+``read_meta(folder)`` assembles it afresh when ``runs/`` exists, so a damaged or deleted
+meta.json loses nothing.
+
 The runner writes it (``rfbench.suite.provenance`` fills it); the report reads it through these
 attributes, never by guessing keys. Keys this version does not know are kept in ``extra`` and
 written back. Files written by older versions, whose layout was flat (``host``, ``cpu``,
@@ -13,8 +22,11 @@ written back. Files written by older versions, whose layout was flat (``host``, 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +35,7 @@ from rfbench.errors import DataError
 from rfbench.results.atomic import write_text
 
 META_FILE = "meta.json"
+RUNS_DIR = "runs"
 
 
 @dataclass
@@ -193,9 +206,13 @@ def _apply_legacy(meta: Meta, target: str, value: Any) -> None:
 
 
 def read_meta(path: str | os.PathLike) -> Meta:
-    """Read a meta.json file (or the one of a results folder); DataError when missing or broken."""
+    """Read a meta.json file, or the view of a results folder (``assemble_meta`` when it has run
+    records, else its meta.json); DataError when missing or broken."""
     path = Path(path)
     if path.is_dir():
+        assembled = assemble_meta(path)
+        if assembled is not None:
+            return assembled
         path = path / META_FILE
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -212,3 +229,67 @@ def write_meta(path: str | os.PathLike, meta: Meta) -> Path:
     if path.is_dir():
         path = path / META_FILE
     return write_text(path, json.dumps(meta.to_dict(), indent=2, sort_keys=False, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- run records
+def new_run_id() -> str:
+    """A run id unique across hosts and time: ``<UTC time>-<host>-<pid>-<random>``."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
+    return f"{stamp}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def run_path(out: str | os.PathLike, run_id: str) -> Path:
+    return Path(out) / RUNS_DIR / f"{run_id}.json"
+
+
+def write_run(out: str | os.PathLike, meta: Meta) -> Path:
+    """Write this writer's record (``meta.runs == [record]``, ``record["run_id"]``) atomically."""
+    (record,) = meta.runs
+    return write_meta(run_path(out, record["run_id"]), meta)
+
+
+def read_runs(out: str | os.PathLike) -> tuple[list[Meta], list[str]]:
+    """The readable run records of a folder, and a note per unreadable one."""
+    folder = Path(out) / RUNS_DIR
+    metas, notes = [], []
+    if not folder.is_dir():
+        return metas, notes
+    for p in sorted(folder.glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        try:
+            metas.append(read_meta(p))
+        except (DataError, OSError) as exc:
+            notes.append(f"run record {p.name} is unreadable and was left out ({exc})")
+    return metas, notes
+
+
+def _status(record: dict) -> dict:
+    from rfbench.results.claims import host, pid_alive
+
+    if record.get("status") == "running" and record.get("host") == host():
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
+            return {**record, "status": "died"}
+    return record
+
+
+def assemble_meta(out: str | os.PathLike) -> Meta | None:
+    """The folder's meta view from its run records (None when it has none); see the module doc."""
+    metas, _ = read_runs(out)
+    if not metas:
+        return None
+    def started(r: dict) -> tuple:  # ISO time to the second; ``start_unix`` breaks ties
+        unix = r.get("start_unix")
+        return str(r.get("start_time") or ""), unix if isinstance(unix, (int, float)) else 0.0
+
+    metas.sort(key=lambda m: max((started(r) for r in m.runs), default=(str(m.start_time or ""), 0.0)))
+    runs = sorted((_status(r) for m in metas for r in m.runs), key=started)
+    view = dataclasses.replace(metas[-1], runs=runs, document=None)
+    starts = [m.start_time for m in metas if m.start_time]
+    ends = [r.get("end_time") for r in runs if r.get("end_time")]
+    view.start_time = min(starts) if starts else None
+    view.end_time = max(ends) if ends else None
+    view.document = view.to_dict()
+    return view

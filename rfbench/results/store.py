@@ -13,6 +13,14 @@
 
 Every file is written with ``atomic.atomic_write``. Nothing is pickled.
 
+Many writers may share the folder (``rfbench.results.claims``): consolidation runs under the
+folder lock and always reads every cell file, so the last writer to finish leaves complete
+tables. Damage is repaired, never fatal: a cell file that cannot be read (truncated, or a stray
+parquet of another layout) is moved to ``<out>/quarantine/`` by a writer (``quarantine_cell``; it
+says which) and computed again by ``--resume``; readers skip it with a note. A consolidated
+table that cannot be read is rebuilt from ``cells/`` (``load_tables`` in memory,
+``repair_tables`` on disk).
+
 The stale-table rule (``missing_cells``): a consolidated table is stale when ``cells/`` holds a
 finished cell it lacks (a run killed, or a resumed run, before it consolidated); readers then
 rebuild it from ``cells/`` in memory. It is the only such rule: ``load_results``,
@@ -23,6 +31,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rfbench.errors import DataError
-from rfbench.results.atomic import atomic_write, is_temporary
+from rfbench.results.atomic import atomic_write, is_temporary, temporary_owner
+from rfbench.results.claims import STALE_AFTER_S, folder_lock, owner_gone
 from rfbench.results.schema import COLUMNS, LATER_COLUMNS
 from rfbench.results.summary import summarise
 
@@ -43,6 +55,7 @@ _EMPTY = {"object": "", "int64": 0, "float64": math.nan, "bool": False}
 #: The Arrow schema of results.parquet and of every cell file.
 SCHEMA = pa.schema([(name, _ARROW[col.dtype]) for name, col in COLUMNS.items()])
 RESULTS_FILE, SUMMARY_FILE = "results.parquet", "summary.parquet"
+QUARANTINE_DIR = "quarantine"
 
 
 def _value(v, dt: str):
@@ -145,16 +158,44 @@ def write_fit_curves(out: Path, cell: str, curves: pd.DataFrame) -> Path:
     return write_parquet(fits_dir(out) / f"{cell}.parquet", curves.reset_index(drop=True))
 
 
-def remove_stale_temporaries(out: Path) -> int:
-    """Delete temporary files left by a killed write; returns how many."""
+def remove_stale_temporaries(out: Path, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Delete temporary files of killed writes; returns how many. A temporary is deleted only
+    when its writer is gone (a dead process of this host, or no change for ``stale_after_s``):
+    another live writer's file in progress is left alone."""
     n = 0
-    for folder in (Path(out), cells_dir(out), fits_dir(out)):
-        if folder.is_dir():
-            for p in folder.glob(".*"):
-                if is_temporary(p):
-                    p.unlink(missing_ok=True)
-                    n += 1
+    for folder in (Path(out), cells_dir(out), fits_dir(out), Path(out) / "runs"):
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(".*"):
+            if not is_temporary(p):
+                continue
+            owner = temporary_owner(p)
+            try:
+                mtime = p.stat().st_mtime
+            except FileNotFoundError:
+                continue  # its writer finished meanwhile
+            if owner_gone(*(owner or (None, None)), mtime, stale_after_s):
+                p.unlink(missing_ok=True)
+                n += 1
     return n
+
+
+def quarantine_cell(out: Path, path: Path, reason: str) -> str:
+    """Move an unreadable cell file to ``<out>/quarantine/`` (so it is computed again); the note
+    printed, also returned."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = Path(out) / QUARANTINE_DIR / f"{path.stem}.{stamp}.{os.getpid()}.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another writer moved it first
+        return ""
+    note = (
+        f"rfbench: {path.parent.name}/{path.name} is unreadable ({reason}); "
+        f"moved to {target}, it will be computed again"
+    )
+    print(note, file=sys.stderr)
+    return note
 
 
 # --------------------------------------------------------------------------- reading cells
@@ -208,25 +249,79 @@ def read_cell(path: Path) -> tuple[pd.DataFrame, dict]:
 def finished_cells(out: Path, statuses: tuple[str, ...] = ("ok", "skipped", "oom")) -> dict[str, str]:
     """``{cell: status}`` of the cells written with one of ``statuses`` (an unreadable file is
     not finished: it is run again)."""
-    done = {}
+    infos, _ = scan_cells(out)
+    return {c: i.status for c, i in infos.items() if i.status in statuses}
+
+
+@dataclass
+class CellInfo:
+    """What a cell file says without reading its rows: metadata (status, key, run id) and rows."""
+
+    path: Path
+    meta: dict
+    num_rows: int
+
+    @property
+    def status(self) -> str | None:
+        return self.meta.get("status")
+
+
+def cell_info(path: Path) -> CellInfo:
+    """The metadata and row count of one cell file (its footer only); DataError when it is not
+    a readable rfbench cell file."""
+    try:
+        md = pq.read_metadata(path)
+        raw = (md.schema.to_arrow_schema().metadata or {}).get(_META_KEY)
+        meta = json.loads(raw) if raw else {}
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable cell file ({exc})") from None
+    names = set(md.schema.names)
+    if not isinstance(meta, dict) or "status" not in meta or not set(REQUIRED) <= names:
+        raise DataError(f"{path}: not an rfbench cell file (no cell metadata or columns)")
+    return CellInfo(path, meta, md.num_rows)
+
+
+def scan_cells(out: Path, *, quarantine: bool = False) -> tuple[dict[str, CellInfo], list[str]]:
+    """``{cell: CellInfo}`` of every readable cell file, and a note per unreadable one (moved to
+    quarantine/ when ``quarantine``, else skipped)."""
+    infos, notes = {}, []
     for cell, path in cell_files(out).items():
         try:
-            status = read_cell_meta(path).get("status")
-        except DataError:
-            continue
-        if status in statuses:
-            done[cell] = status
-    return done
+            infos[cell] = cell_info(path)
+        except DataError as exc:
+            notes.append(_bad_cell(out, path, exc, quarantine))
+        except FileNotFoundError:
+            continue  # quarantined by another writer meanwhile
+    return infos, [n for n in notes if n]
+
+
+def _bad_cell(out: Path, path: Path, exc: Exception, quarantine: bool) -> str:
+    reason = str(exc).split(": ", 1)[-1]
+    if quarantine:
+        return quarantine_cell(out, path, reason)
+    return f"{path.name} in cells/ is unreadable and was left out ({reason})"
 
 
 # --------------------------------------------------------------------------- consolidation
-def collect(out: Path, order: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """All finished cells' rows (ordered by ``order``, then by cell id) and their metadata."""
+def collect(
+    out: Path, order: list[str] | None = None, *, notes: list[str] | None = None, quarantine: bool = False
+) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """All readable cells' rows (ordered by ``order``, then by cell id) and their metadata; an
+    unreadable cell file is left out with a note in ``notes`` (moved to quarantine/ when
+    ``quarantine``)."""
     files = cell_files(out)
     rank = {c: i for i, c in enumerate(order or [])}
     tables, metas = [], {}
     for cell in sorted(files, key=lambda c: (rank.get(c, len(rank)), c)):
-        tab, meta = _read_table(files[cell])
+        try:
+            tab, meta = _read_table(files[cell])
+        except FileNotFoundError:
+            continue
+        except DataError as exc:
+            note = _bad_cell(out, files[cell], exc, quarantine)
+            if notes is not None and note:
+                notes.append(note)
+            continue
         tables.append(tab)
         metas[cell] = meta
     rows = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -234,12 +329,43 @@ def collect(out: Path, order: list[str] | None = None) -> tuple[pd.DataFrame, di
 
 
 def consolidate(out: Path, order: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(Re)write results.parquet and summary.parquet from cells/ (atomically); return both."""
-    results, stats = collect(out, order)
-    summary = summarise(results, stats)
-    write_parquet(Path(out) / RESULTS_FILE, results)
-    write_parquet(Path(out) / SUMMARY_FILE, summary)
+    """(Re)write results.parquet, summary.parquet and meta.json from every cell file and run
+    record, under the folder lock (so the last writer leaves them complete); return both tables.
+    Unreadable cell files are quarantined."""
+    from rfbench.results.meta import META_FILE, assemble_meta, write_meta
+
+    with folder_lock(out):
+        results, stats = collect(out, order, quarantine=True)
+        summary = summarise(results, stats)
+        write_parquet(Path(out) / RESULTS_FILE, results)
+        write_parquet(Path(out) / SUMMARY_FILE, summary)
+        meta = assemble_meta(out)
+        if meta is not None:
+            write_meta(Path(out) / META_FILE, meta)
     return results, summary
+
+
+def repair_tables(path) -> list[str]:
+    """Rewrite the consolidated tables of a folder when they are missing, unreadable or stale
+    (``consolidate``); return what was repaired (empty when nothing was). The folder must be
+    writable; a report on a read-only folder needs only ``load_tables``, which rebuilds in memory."""
+    folder = folder_of(path)
+    files = cell_files(folder)
+    if not files:
+        return []
+    broken = []
+    for name in (RESULTS_FILE, SUMMARY_FILE):
+        try:
+            tab = pd.read_parquet(folder / name, columns=["cell"])
+        except Exception:  # missing or damaged: pyarrow raises many types
+            broken.append(f"{name} was missing or unreadable")
+            continue
+        if missing_cells(tab, files):
+            broken.append(f"{name} was older than the finished cells")
+    if broken:
+        consolidate(folder)
+        return [f"{b}: rebuilt from cells/" for b in broken]
+    return []
 
 
 # --------------------------------------------------------------------------- loading
@@ -289,31 +415,44 @@ def load_tables(path, with_summary: bool = True) -> Tables:
     rfile, sfile = folder / RESULTS_FILE, folder / SUMMARY_FILE
     files = cell_files(folder)
     notes: list[str] = []
-    stats = summary = None
+    stats = summary = results = None
     if not rfile.is_file():
         if not files:
             raise DataError(f"{folder} holds no {RESULTS_FILE}; is it the output folder of `rfbench run`?")
-        results, stats = collect(folder)
         notes.append("the run did not finish: this report shows the cells it completed")
     else:
-        results = conform(read_table(rfile), str(rfile))
-        if missing_cells(results, files):
-            results, stats = collect(folder)
-            notes.append("results.parquet was older than the finished cells: they were read from cells/")
-        elif with_summary and sfile.is_file():
+        try:
+            results = conform(read_table(rfile), str(rfile))
+        except DataError:
+            if not files:
+                raise
+            notes.append(f"{RESULTS_FILE} is unreadable: the rows were read from cells/")
+        else:
+            if missing_cells(results, files):
+                results = None
+                notes.append("results.parquet was older than the finished cells: they were read from cells/")
+    if results is None:
+        results, stats = collect(folder, notes=notes)
+    elif with_summary and sfile.is_file():
+        try:
             summary = conform(read_table(sfile), str(sfile), summary=True)
+        except DataError:
+            source = "cells/" if files else RESULTS_FILE
+            notes.append(f"{SUMMARY_FILE} is unreadable: it was rebuilt from {source}")
+        else:
             if missing_cells(summary, files):
                 summary = None
-        elif with_summary:
-            notes.append(
-                "summary.parquet is missing: it was rebuilt from cells/"
-                if files
-                else "summary.parquet is missing: means and CIs were recomputed from results.parquet "
-                "(no cross-seed bias²/variance)"
-            )
+    elif with_summary:
+        notes.append(
+            "summary.parquet is missing: it was rebuilt from cells/"
+            if files
+            else "summary.parquet is missing: means and CIs were recomputed from results.parquet "
+            "(no cross-seed bias²/variance)"
+        )
     if with_summary and summary is None:
         if stats is None and files:
-            stats = {c: read_cell_meta(p) for c, p in files.items()}
+            infos, _ = scan_cells(folder)
+            stats = {c: i.meta for c, i in infos.items()}
         summary = summarise(results, stats)
     return Tables(results, summary, notes)
 

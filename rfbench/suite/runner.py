@@ -4,14 +4,16 @@
 
 The parts: ``spec`` reads the suite, ``sources`` resolves its data, ``plan`` lists its cells
 (keys, seeds and token splits, computed once), ``folder`` checks the out folder and what
-``--resume`` skips, ``cells`` runs one cell (``measure`` times it), ``provenance`` writes
-meta.json, ``rfbench.results`` stores every finished cell at once, atomically, and
-consolidates results.parquet and summary.parquet, and ``terminal`` prints the summary.
+``--resume`` skips, ``cells`` runs one cell (``measure`` times it), ``provenance`` fills
+this run's record (``runs/<run id>.json``), ``rfbench.results`` claims each cell before it
+runs (``claims``), stores every finished cell at once, atomically, and consolidates
+results.parquet and summary.parquet, and ``terminal`` prints the summary.
 
 Every cell's failure is recorded (``skipped`` with its reasons, ``oom``, ``error`` with the
 message) and the sweep goes on. ``--resume`` skips cells already written with status ok,
 skipped or oom, and re-runs cells that ended in ``error``. ``--shard I/N`` runs cells I, I+N,
-I+2N, ... (1-based) of the suite's canonical order; shards may share one results folder.
+I+2N, ... (1-based) of the suite's canonical order. Any number of runs, shards and array tasks
+may share one results folder (``run_suite`` says how).
 
 Exit status of ``rfbench run``: 0 when every cell is ok, skipped or oom; 1 when a cell ended in
 ``error``; 2 for a bad suite or option (one line on stderr).
@@ -20,6 +22,8 @@ Exit status of ``rfbench run``: 0 when every cell is ok, skipped or oom; 1 when 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
 import time
 from pathlib import Path
@@ -27,9 +31,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rfbench.errors import EstimatorError, SpecError, UnsupportedError
+from rfbench.errors import DataError, EstimatorError, RFBenchError, SpecError, UnsupportedError
 from rfbench.results import store
-from rfbench.results.meta import Meta, write_meta
+from rfbench.results.claims import Claims
+from rfbench.results.meta import Meta, new_run_id, write_run
 from rfbench.results.store import load_summary
 from rfbench.results.summary import worst_status
 from rfbench.suite import cells as C
@@ -80,7 +85,9 @@ def _check_fit(suite: Suite, sources: list[Source]) -> None:
             raise SpecError(f"{suite.source}: {where}: {exc}") from None
 
 
-def run_suite(spec_or_path, out=None, *, device=None, resume=False, shard=None, progress=None) -> Path:
+def run_suite(
+    spec_or_path, out=None, *, device=None, resume=False, shard=None, progress=None, cells=None
+) -> Path:
     """Run a suite (a Suite, a parsed dict, a TOML path or a ready suite's name); return the results folder.
 
     out: the folder (default ``reports/<suite name>`` under the current directory).
@@ -88,6 +95,16 @@ def run_suite(spec_or_path, out=None, *, device=None, resume=False, shard=None, 
     resume: skip cells already finished in ``out`` (status ok, skipped or oom); re-run the others.
     shard: ``(i, n)`` or "i/n": run only cells i, i+n, ... (1-based) of the canonical order.
     progress: show a progress bar (default: when stderr is a terminal).
+    cells: run only these cell ids (of the shard, if one is given): how an executor hands a task
+        its cells. An id the suite does not plan is a SpecError.
+
+    Any number of calls, in any processes and on any hosts, may write one folder at once: each
+    claims a cell before computing it (``rfbench.results.claims``), skips cells another writer
+    has finished, waits for those another live writer holds (taking them over if it dies), writes
+    its own run record (``runs/<run id>.json``, listing the cells it computed) and consolidates
+    under the folder lock. A call killed loses at most its cell in flight. Folder I/O failures
+    (a full disk, a read-only folder) raise DataError with one line; a resume with nothing left
+    to do succeeds on a read-only folder too.
     """
     suite = _as_suite(spec_or_path)
     out = Path(out) if out is not None else Path("reports") / suite.name
@@ -97,73 +114,184 @@ def run_suite(spec_or_path, out=None, *, device=None, resume=False, shard=None, 
     devices = resolve_devices(suite, device)
     sources = prepare_sources(suite)
     _check_fit(suite, sources)
-    cells = plan(suite, sources, devices)
-    order = [c.cell for c in cells]
-    mine = select_shard(cells, shard)
-    previous = folder.check_out(out, suite, mine, resume)
-    done = folder.prepare(out, resume)
-    todo = [c for c in mine if c.cell not in done]
+    planned = plan(suite, sources, devices)
+    mine = select_shard(planned, shard)
+    if cells is not None:
+        wanted = set(cells)
+        unknown = wanted - {c.cell for c in mine}
+        if unknown:
+            raise SpecError(f"cells {', '.join(sorted(unknown)[:3])} are not cells of this suite (or shard)")
+        mine = [c for c in mine if c.cell in wanted]
+    with _folder_io(out):
+        state = folder.open_folder(out, suite, planned, mine, resume)
+    todo = [c for c in mine if c.cell not in state.done]
+    run = provenance.run_record(
+        resume=resume,
+        shard=shard,
+        devices=devices,
+        total=len(planned),
+        todo=len(todo),
+        done=len(mine) - len(todo),
+        argv=sys.argv,
+    )
+    run.update(run_id=new_run_id(), start_unix=time.time())
+    meta = provenance.build_meta(suite, devices, None)
+    meta.runs = [run]
+    meta.command = list(sys.argv)
+    if not todo and resume:
+        print(
+            f"rfbench run: nothing left to do in {out}: its {len(mine)} cell(s) are finished", file=sys.stderr
+        )
+        run.update(end_time=provenance.now(), status="finished", cells_computed=[], cells_done_by_others=0)
+        meta.end_time = run["end_time"]
+        with contextlib.suppress(OSError, RFBenchError):  # a read-only folder is read as it is
+            write_run(out, meta)
+            store.repair_tables(out)
+        return out
+    with _folder_io(out):
+        folder.repair(out)
+        write_run(out, meta)
     threads_before = torch.get_num_threads()
     if suite.timing.threads:
         torch.set_num_threads(suite.timing.threads)
     try:
-        run = provenance.run_record(
-            resume=resume,
-            shard=shard,
-            devices=devices,
-            total=len(cells),
-            todo=len(todo),
-            done=len(mine) - len(todo),
-            argv=sys.argv,
-        )
-        meta = provenance.build_meta(suite, devices, previous)
-        meta.runs.append(run)
-        meta.command = list(sys.argv)
-        write_meta(out, meta)
-        _sweep(
-            suite, out, todo, order, meta, run, sys.stderr.isatty() if progress is None else bool(progress)
-        )
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        _sweep(suite, out, todo, [c.cell for c in planned], meta, state, show)
     finally:
         torch.set_num_threads(threads_before)
     return out
 
 
+@contextlib.contextmanager
+def _folder_io(out: Path):
+    """Turn a failed read or write of the results folder into one line (DataError)."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(_io_message(out, exc)) from None
+
+
+def _io_message(out: Path, exc: OSError) -> str:
+    what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space, then run again with --resume"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "the folder is not writable: choose another --out, or make it writable"
+    else:
+        fix = "check the folder, then run again with --resume"
+    return f"cannot write the results folder {out}: {what}; {fix}"
+
+
+#: Seconds between looks at cells other writers hold (doubling up to the second figure).
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.05, 2.0
+
+
 def _sweep(
-    suite: Suite, out: Path, todo: list[Cell], order: list[str], meta: Meta, run: dict, show: bool
+    suite: Suite, out: Path, todo: list[Cell], order: list[str], meta: Meta, state, show: bool
 ) -> None:
-    """Run ``todo``, writing each cell as it finishes; consolidate and close meta.json whatever happens."""
+    """Claim and run each cell of ``todo``, writing each as it finishes; consolidate and close
+    this run's record whatever happens. Returns when every cell of ``todo`` is finished, here or
+    by another writer (whose claim, should it die, expires: ``rfbench.results.claims``)."""
+    run = meta.runs[0]
     counts: dict[str, int] = {}
+    computed: list[str] = []
+    by_others = 0  # cells another writer finished meanwhile
     ctx_holder: dict = {}
     bar = None
     if show:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="cell", file=sys.stderr, dynamic_ncols=True, desc=suite.name)
-    status = "interrupted"
+    status, failure = "interrupted", None
     try:
-        for cell in todo:
-            if bar is not None:
-                bar.set_postfix_str(cell.label()[:60], refresh=False)
-            t0 = time.perf_counter()
-            rows, stats = C.run_cell(cell, ctx_holder, suite)
-            curves = stats.pop("fit_curves", None)
-            if curves:  # before the cell file: a cell written is a cell complete
-                store.write_fit_curves(out, cell.cell, _curve_frame(cell, curves))
-            worst = worst_status(r["status"] for r in rows)
-            stats = {**stats, "status": worst, "key": cell.key, "wall_s": time.perf_counter() - t0}
-            store.write_cell(out, cell.cell, rows, stats)
-            counts[worst] = counts.get(worst, 0) + 1
-            if bar is not None:
-                bar.update(1)
+        with Claims(out, run["run_id"]) as claims:
+            pending, pause = list(todo), _FIRST_PAUSE_S
+            while pending:  # a cell another live writer holds is waited for (or taken over if it dies)
+                held = []
+                for cell in pending:
+                    if bar is not None:
+                        bar.set_postfix_str(cell.label()[:60], refresh=False)
+                    if _written_meanwhile(out, cell, state):
+                        by_others += 1
+                    elif not claims.claim(cell.cell):
+                        held.append(cell)
+                        continue
+                    elif _written_meanwhile(out, cell, state):  # finished just before the claim
+                        claims.release(cell.cell)
+                        by_others += 1
+                    else:
+                        try:
+                            worst = _run_one(suite, out, cell, run["run_id"], ctx_holder)
+                        finally:
+                            claims.release(cell.cell)
+                        computed.append(cell.cell)
+                        counts[worst] = counts.get(worst, 0) + 1
+                    if bar is not None:
+                        bar.update(1)
+                pause = _FIRST_PAUSE_S if len(held) < len(pending) else min(2 * pause, _MAX_PAUSE_S)
+                pending = held
+                if pending:
+                    time.sleep(pause)
         status = "finished"
+    except OSError as exc:
+        status, failure = "failed", _io_message(out, exc)
+        raise DataError(failure) from None
     finally:
         if bar is not None:
             bar.close()
         ctx_holder.clear()
-        store.consolidate(out, order)
-        run.update(end_time=provenance.now(), status=status, status_counts=counts)
+        run.update(
+            end_time=provenance.now(),
+            status=status,
+            status_counts=counts,
+            cells_computed=computed,
+            cells_done_by_others=by_others,
+        )
+        if failure:
+            run["message"] = failure
         meta.end_time = run["end_time"]
-        write_meta(out, meta)
+        _close(out, order, meta, failing=status != "finished")
+
+
+def _close(out: Path, order: list[str], meta: Meta, failing: bool) -> None:
+    """Write the run record and consolidate; when the run is failing already, only try."""
+    try:
+        with _folder_io(out):
+            write_run(out, meta)
+            store.consolidate(out, order)
+    except DataError:
+        if not failing:
+            raise
+
+
+def _written_meanwhile(out: Path, cell: Cell, state) -> bool:
+    """Whether another writer wrote ``cell`` after this run looked at the folder."""
+    path = store.cell_path(out, cell.cell)
+    try:
+        info = store.cell_info(path)
+    except (DataError, FileNotFoundError):
+        return False
+    return info.meta.get("run_id") != state.seen.get(cell.cell) or folder.is_done(info, cell)
+
+
+def _run_one(suite: Suite, out: Path, cell: Cell, run_id: str, ctx_holder: dict) -> str:
+    """Compute one claimed cell and write it; return its worst status."""
+    t0 = time.perf_counter()
+    rows, stats = C.run_cell(cell, ctx_holder, suite)
+    curves = stats.pop("fit_curves", None)
+    if curves:  # before the cell file: a cell written is a cell complete
+        store.write_fit_curves(out, cell.cell, _curve_frame(cell, curves))
+    worst = worst_status(r["status"] for r in rows)
+    stats = {
+        **stats,
+        "status": worst,
+        "key": cell.key,
+        "data": cell.source.label,
+        "run_id": run_id,
+        "wall_s": time.perf_counter() - t0,
+    }
+    store.write_cell(out, cell.cell, rows, stats)
+    return worst
 
 
 def _curve_frame(cell: Cell, curves: list) -> pd.DataFrame:

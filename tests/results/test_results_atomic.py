@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 
 import pytest
 
 from rfbench.errors import DataError
-from rfbench.results.atomic import atomic_write, file_mode, write_text
+from rfbench.results.atomic import atomic_write, file_mode, temporary_owner, write_text
 
 
 @pytest.fixture
@@ -61,7 +62,10 @@ def test_temporary_names_are_unique_per_process(tmp_path):
 
     atomic_write(tmp_path / "r", record)
     atomic_write(tmp_path / "r", record)
-    assert seen[0] != seen[1] and all(f".r.{os.getpid()}." in s and s.endswith(".tmp") for s in seen)
+    assert seen[0] != seen[1] and all(f".r.{os.getpid()}@" in s and s.endswith(".tmp") for s in seen)
+    # the name says whose it is, so start-up deletes only the temporaries of dead writers
+    assert {temporary_owner(tmp_path / s) for s in seen} == {(socket.gethostname(), os.getpid())}
+    assert temporary_owner(tmp_path / ".r.123.tmp") is None
 
 
 def test_refuses_to_write_through_a_symlink(tmp_path):
