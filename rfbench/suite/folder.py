@@ -26,7 +26,8 @@ def check_out(out: Path, suite: Suite, cells: list[Cell], resume: bool) -> Meta 
         return None
     if not out.is_dir():
         raise SpecError(f"--out {out} exists and is not a folder")
-    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    # logs/: what --executor local|slurm writes before the first task records its run
+    entries = [p for p in out.iterdir() if not p.name.startswith(".") and p.name != "logs"]
     if not entries:
         return None
     if not (out / META_FILE).is_file():
