@@ -273,12 +273,14 @@ def _submit(suite: Suite, spec: ExecutorSpec, args: argparse.Namespace) -> int:
     finished = set(store.finished_cells(out, folder.KEPT_ON_RESUME)) if args.resume else set()
     if not args.quiet:
         print(f"rfbench run: {spec.name}: {executors.tasks_note(spec, len(cells))}", file=sys.stderr)
+    # the tasks get the planned device, so their cells are the cells counted here
+    task_device = args.device or (devices[0] if len(devices) == 1 else None)
     outcome = executors.submit(
         suite,
         out.resolve(),
         cells,
         spec,
-        device=args.device,
+        device=task_device,
         finished=finished,
         wait=not args.no_wait,
         show=False if args.quiet else None,

@@ -1,24 +1,39 @@
-"""A one-node Slurm cluster on this machine, for tests: munged, slurmctld and slurmd started
-directly (no systemd), every file under one scratch folder, stopped by their pids.
+"""``rfbench run --executor slurm`` on a real (one-node) Slurm cluster started for the test.
 
-    with one_node_slurm(tmp_path) as env:      # env: os.environ plus SLURM_CONF
-        subprocess.run(["sbatch", ...], env=env)
-
-``Unavailable`` says why a cluster cannot start here (packages absent, not root, a daemon that
-exits); tests skip with its message. Needs Debian's slurm-wlm (22.05) and munge.
+The quick suite runs as a job array through submitit; every column but the wall-clock ones must
+equal an inline run's. The daemons (munged, slurmctld, slurmd) are started directly and stopped by
+their pids; where they cannot start here (packages absent, not root, a container that forbids
+them), the test is skipped and says why. Bounded: each step has a timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pandas.testing as pdt
+import pytest
+
+from rfbench import results as R
+from rfbench.results import store
+from rfbench.suite import runner
+
+pytestmark = pytest.mark.slurm
+pytest.importorskip("submitit")
+
+RUN_TIMEOUT_S = 480  # the quick suite as 4 array tasks takes about a minute on a 2-core machine
+
+
+# --------------------------------------------------------------------------- a one-node cluster
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
 NEEDED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun")
 START_S = 45.0  # a daemon or the node that is not up by then will not come up
@@ -171,7 +186,21 @@ def one_node_slurm(root: Path):
         _wait(idle, "the node (sinfo: idle)", root / "slurmd.log")
         yield env
     finally:
+        if conf.exists() and _pid(pid_files[1]):
+            _cancel_all(env)
         _stop(pid_files[::-1])
+
+
+def _cancel_all(env: dict) -> None:
+    """Cancel every job left (stopping slurmd alone would leave their processes running)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            q = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=20)
+            if q.returncode != 0 or not q.stdout.strip():
+                return
+            time.sleep(1)
 
 
 def _run(root: Path, cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -182,3 +211,111 @@ def _run(root: Path, cmd: list[str], what: str, env: dict | None = None) -> None
         r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=60)
     if r.returncode != 0:
         raise Unavailable(f"{what} failed (exit {r.returncode}): {_tail(out, 3)}")
+
+
+# --------------------------------------------------------------------------- the test
+@pytest.fixture(scope="module")
+def cluster():
+    # a short folder of its own: the munge socket's path must fit a unix socket name (108 bytes)
+    root = Path(tempfile.mkdtemp(prefix="rfbench-slurm-", dir="/tmp"))
+    try:
+        with one_node_slurm(root) as env:
+            _smoke(env, root)
+            yield env
+    except Unavailable as exc:
+        print(f"slurm test skipped: {exc}")
+        pytest.skip(f"no one-node Slurm here: {exc}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _smoke(env: dict, root: Path) -> None:
+    """One trivial batch job: a cluster that cannot run even this is an environment problem."""
+    try:
+        r = subprocess.run(
+            ["sbatch", "--wait", "--time=1", "-o", str(root / "smoke.out"), "--wrap", "true"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    except subprocess.TimeoutExpired:
+        _cancel_all(env)
+        raise Unavailable("a trivial sbatch job did not finish within 90 s") from None
+    if r.returncode != 0:
+        raise Unavailable(f"a trivial sbatch job failed: {(r.stderr or r.stdout).strip()[-300:]}")
+
+
+def _rfbench(env: dict, *args, timeout: float):
+    return subprocess.run(
+        [sys.executable, "-m", "rfbench.cli", *map(str, args)],
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _stable(df):
+    return df.drop(columns=list(R.TIMED_COLUMNS)).sort_values(["cell", "seed_index"]).reset_index(drop=True)
+
+
+def test_quick_suite_as_a_job_array_matches_inline(cluster, tmp_path):
+    out = tmp_path / "slurm"
+    t0 = time.perf_counter()
+    try:
+        r = _rfbench(
+            cluster,
+            "run",
+            "quick",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--executor",
+            "slurm",
+            "--cells-per-task",
+            23,
+            "--cpus",
+            1,
+            "--mem-gb",
+            0.25,
+            "--time-min",
+            10,
+            "--quiet",
+            timeout=RUN_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        _cancel_all(cluster)
+        logs = sorted((out / "logs").glob("*/*_log.err"))
+        tail = logs[-1].read_text(errors="replace")[-1500:] if logs else "(no task log)"
+        pytest.fail(f"the slurm run did not end within {RUN_TIMEOUT_S} s; last task log:\n{tail}")
+    wall = time.perf_counter() - t0
+    print(f"slurm run of the quick suite: {wall:.1f} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((out / "logs" / "submission.json").read_text())
+    n_cells = len(record["cells"])
+    assert record["executor"] == "slurm"
+    assert n_cells == 90 and record["tasks"] == 4  # ceil(90 / 23) tasks
+    assert sorted(j["shard"] for j in record["jobs"]) == list(range(1, 5))
+    assert all(j["attempts"] == 1 for j in record["jobs"]), r.stderr[-3000:]  # no task failed
+    assert len({j["job_id"].split("_")[0] for j in record["jobs"]}) == 1  # one job array
+
+    inline = runner.run_suite("quick", tmp_path / "inline", device="cpu", progress=False)
+    a, b = store.load_results(inline), store.load_results(out)
+    assert b["cell"].nunique() == n_cells and not b.duplicated(["cell", "seed_index"]).any()
+    pdt.assert_frame_equal(_stable(b), _stable(a))
+    sa = store.load_summary(inline).drop(columns=[c for c in store.load_summary(inline) if _timed(c)])
+    sb = store.load_summary(out)[sa.columns]
+    pdt.assert_frame_equal(
+        sb.sort_values("cell").reset_index(drop=True), sa.sort_values("cell").reset_index(drop=True)
+    )
+
+    s = _rfbench(cluster, "status", out, timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert f"{n_cells} cells: {n_cells} done, 0 failed, 0 pending" in s.stdout
+    assert "no task queued or running" in s.stdout
+
+
+def _timed(column: str) -> bool:
+    return any(column == t or column.startswith(f"{t}_") for t in R.TIMED_COLUMNS)
