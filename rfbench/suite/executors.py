@@ -184,10 +184,14 @@ def _map(ex, task: ArrayTask, suite: Suite, out: Path, shards: list[tuple[int, i
     return ex.map_array(task, [suite] * k, [str(out)] * k, shards, [device] * k)
 
 
-def _write_record(out: Path, record: dict, slots: list[_Slot]) -> None:
+def _tidy(out: Path) -> None:
     pattern = logs_dir(out) / "%j"  # submitit makes the folder pattern itself; the jobs use their own
     if pattern.is_dir() and not any(pattern.iterdir()):
         pattern.rmdir()
+
+
+def _write_record(out: Path, record: dict, slots: list[_Slot]) -> None:
+    _tidy(out)
     record["jobs"] = [
         {"shard": s.shard[0], "job_id": str(s.job.job_id), "attempts": s.attempts} for s in slots
     ]
@@ -290,6 +294,7 @@ def _watch(suite, out, cells, spec, ex, task, slots, record, device, show, outco
         raise
     bar.update(counter.counts(), 0)
     bar.close()
+    _tidy(out)
 
 
 class _Bar:
