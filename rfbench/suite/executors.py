@@ -43,19 +43,20 @@ _LOST_POLLS = 3
 
 # --------------------------------------------------------------------------- the array task
 class ArrayTask:
-    """One array task: run shard (i, n) of the suite into ``out``, resuming (picklable).
+    """One array task: ``run(suite, out, shard=(i, n), resume=True)`` into ``out`` (picklable).
 
-    submitit calls ``checkpoint`` when the scheduler times out or preempts the task; returning
-    the same call requeues it (at most ``retries`` times: then None, and the task fails)."""
+    ``run`` is ``runner.run_suite``, passed in (pickled by reference) so that this module does
+    not import the runner that imports it. submitit calls ``checkpoint`` when the scheduler times
+    out or preempts the task; returning the same call requeues it (at most ``retries`` times:
+    then None, and the task fails)."""
 
-    def __init__(self, retries: int, attempt: int = 0):
+    def __init__(self, run, retries: int, attempt: int = 0):
+        self.run = run
         self.retries = retries
         self.attempt = attempt
 
     def __call__(self, suite: Suite, out: str, shard: tuple[int, int], device: str | None) -> dict:
-        from rfbench.suite.runner import run_suite
-
-        run_suite(suite, out, device=device, resume=True, shard=shard, progress=False)
+        self.run(suite, out, device=device, resume=True, shard=shard, progress=False)
         return {"shard": list(shard), "attempt": self.attempt}
 
     def checkpoint(self, *args, **kwargs):
@@ -63,7 +64,7 @@ class ArrayTask:
             return None
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(ArrayTask(self.retries, self.attempt + 1), *args, **kwargs)
+        return DelayedSubmission(ArrayTask(self.run, self.retries, self.attempt + 1), *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- submitting
@@ -143,6 +144,7 @@ def submit(
     cells: list[Cell],
     spec: ExecutorSpec,
     *,
+    run,
     device: str | None,
     finished: set[str],
     wait: bool = True,
@@ -150,7 +152,8 @@ def submit(
 ) -> Outcome:
     """Group ``cells`` into array tasks, submit those with work left, and (``wait``) watch them.
 
-    ``finished``: cells already done in ``out`` (their tasks are not submitted again)."""
+    ``run``: ``runner.run_suite``; ``finished``: cells already done in ``out`` (their tasks are
+    not submitted again)."""
     n = spec.num_tasks(len(cells))
     shards = pending_shards(cells, n, finished)
     outcome = Outcome(waited=wait)
@@ -159,7 +162,7 @@ def submit(
     logs = logs_dir(out)
     logs.mkdir(parents=True, exist_ok=True)
     ex = make_executor(spec, logs, f"rfbench-{suite.name}")
-    task = ArrayTask(spec.retries)
+    task = ArrayTask(run, spec.retries)
     jobs = _map(ex, task, suite, out, [(i, n) for i in shards], device)
     slots = [_Slot((i, n), job) for i, job in zip(shards, jobs)]
     record = {

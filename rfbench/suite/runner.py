@@ -280,6 +280,7 @@ def _submit(suite: Suite, spec: ExecutorSpec, args: argparse.Namespace) -> int:
         out.resolve(),
         cells,
         spec,
+        run=run_suite,
         device=task_device,
         finished=finished,
         wait=not args.no_wait,

@@ -193,7 +193,9 @@ def test_failed_tasks_are_resubmitted_at_most_retries_times(tmp_path, monkeypatc
     monkeypatch.setattr(executors, "make_executor", lambda *a: fake)
     monkeypatch.setattr(executors, "POLL_S", 0.0)
     spec = ExecutorSpec(name="local", tasks=3, retries=retries)
-    outcome = executors.submit(suite, tmp_path / "out", cells, spec, device=None, finished=set(), show=False)
+    outcome = executors.submit(
+        suite, tmp_path / "out", cells, spec, run=runner.run_suite, device=None, finished=set(), show=False
+    )
     assert set(outcome.failed) == failed
     assert all("without a result" in e for e in outcome.failed.values())
     submitted = [i for call in fake.calls for i in call]
@@ -211,17 +213,22 @@ def test_only_shards_with_work_left_are_submitted(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "POLL_S", 0.0)
     shard2 = {c.cell for c in cells[1::2]}
     spec = ExecutorSpec(name="local", tasks=2)
-    executors.submit(suite, tmp_path / "out", cells, spec, device=None, finished=shard2, show=False)
+    executors.submit(
+        suite, tmp_path / "out", cells, spec, run=runner.run_suite, device=None, finished=shard2, show=False
+    )
     assert fake.calls == [[1]]
     everything = {c.cell for c in cells}
     assert (
-        executors.submit(suite, tmp_path / "o2", cells, spec, device=None, finished=everything).job_ids == []
+        executors.submit(
+            suite, tmp_path / "o2", cells, spec, run=runner.run_suite, device=None, finished=everything
+        ).job_ids
+        == []
     )
 
 
 def test_checkpoint_requeues_a_bounded_number_of_times():
     pytest.importorskip("submitit")
-    task = executors.ArrayTask(retries=2)
+    task = executors.ArrayTask(runner.run_suite, retries=2)
     for attempt in (1, 2):
         delayed = task.checkpoint("suite", "out", (1, 2), None)
         task = delayed.function
