@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from rfbench.results.atomic import atomic_write
 from rfbench.suite.executor_spec import ExecutorSpec
 from rfbench.suite.plan import Cell, select_shard
 from rfbench.suite.spec_types import Suite
-from rfbench.suite.status import SUBMISSION_FILE, Counter, logs_dir
+from rfbench.suite.status import SUBMISSION_FILE, Counter, logs_dir, squeue
 
 #: seconds between two looks at the results folder and the jobs while the command waits
 POLL_S = 2.0
@@ -205,18 +204,8 @@ def _write_record(out: Path, record: dict, slots: list[_Slot]) -> None:
 # --------------------------------------------------------------------------- watching
 def _queued(slots: list[_Slot]) -> set[str] | None:
     """Slurm task ids still in the queue (pending, running, requeued); None where squeue fails."""
-    arrays = sorted({str(s.job.job_id).split("_")[0] for s in slots})
-    try:
-        text = subprocess.run(
-            ["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(arrays)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    lines = squeue(sorted({str(s.job.job_id).split("_")[0] for s in slots}), "%i")
+    return None if lines is None else set(lines)
 
 
 def _finished(slot: _Slot, queued: set[str] | None) -> bool:

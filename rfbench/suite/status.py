@@ -118,24 +118,35 @@ def planned_cells(out: Path) -> tuple[str, list[str]]:
     return suite.name, [c.cell for c in plan(suite, prepare_sources(suite), devices)]
 
 
+def squeue(arrays: list[str], fmt: str) -> list[str] | None:
+    """``squeue`` lines (one per task, in ``fmt``) of the job arrays ``arrays``; None where
+    squeue cannot answer. Jobs the controller no longer knows (long finished) are no lines."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        r = subprocess.run(
+            ["squeue", "-h", "-r", "-o", fmt, "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return [] if "invalid job id" in r.stderr.lower() else None
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+
+
 def queued_tasks(record: dict | None) -> str:
     """A line on the slurm tasks still queued or running ("" where unknown)."""
-    if not record or record.get("executor") != "slurm" or shutil.which("squeue") is None:
+    if not record or record.get("executor") != "slurm":
         return ""
     arrays = sorted({str(j["job_id"]).split("_")[0] for j in record.get("jobs", [])})
     if not arrays:
         return ""
-    try:
-        text = subprocess.run(
-            ["squeue", "-h", "-r", "-o", "%T", "-j", ",".join(arrays)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    states = squeue(arrays, "%T")
+    if states is None:
         return f"slurm job(s) {', '.join(arrays)}: squeue did not answer"
-    states = [s.strip() for s in text.splitlines() if s.strip()]
     if not states:
         return f"slurm job(s) {', '.join(arrays)}: no task queued or running"
     by = {s: states.count(s) for s in sorted(set(states))}
