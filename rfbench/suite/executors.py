@@ -49,12 +49,17 @@ class ArrayTask:
     out or preempts the task; returning the same call requeues it (at most ``retries`` times:
     then None, and the task fails)."""
 
-    def __init__(self, run, retries: int, attempt: int = 0):
+    def __init__(self, run, retries: int, threads: int = 0, attempt: int = 0):
         self.run = run
         self.retries = retries
+        self.threads = threads  # torch CPU threads where the suite leaves them to torch (0: leave)
         self.attempt = attempt
 
     def __call__(self, suite: Suite, out: str, shard: tuple[int, int], device: str | None) -> dict:
+        if self.threads and not suite.timing.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         self.run(suite, out, device=device, resume=True, shard=shard, progress=False)
         return {"shard": list(shard), "attempt": self.attempt}
 
@@ -63,7 +68,18 @@ class ArrayTask:
             return None
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(ArrayTask(self.run, self.retries, self.attempt + 1), *args, **kwargs)
+        again = ArrayTask(self.run, self.retries, self.threads, self.attempt + 1)
+        return DelayedSubmission(again, *args, **kwargs)
+
+
+def task_threads(spec: ExecutorSpec, num_tasks: int) -> int:
+    """CPU threads per task: its CPUs on slurm; a share of this machine's cores for local tasks,
+    which all run at once (torch's default, every core per process, would oversubscribe them)."""
+    import os
+
+    if spec.name == "slurm":
+        return spec.cpus
+    return max(1, (os.cpu_count() or 1) // max(1, min(num_tasks, os.cpu_count() or 1)))
 
 
 # --------------------------------------------------------------------------- submitting
@@ -161,7 +177,7 @@ def submit(
     logs = logs_dir(out)
     logs.mkdir(parents=True, exist_ok=True)
     ex = make_executor(spec, logs, f"rfbench-{suite.name}")
-    task = ArrayTask(run, spec.retries)
+    task = ArrayTask(run, spec.retries, task_threads(spec, len(shards)))
     jobs = _map(ex, task, suite, out, [(i, n) for i in shards], device)
     slots = [_Slot((i, n), job) for i, job in zip(shards, jobs)]
     record = {

@@ -4,14 +4,13 @@ numbers; the [executor] section and its flags are validated; failed tasks are re
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pandas.testing as pdt
 import pytest
 
 from rfbench import results as R
+from rfbench.cli import main_entry
 from rfbench.errors import SpecError
 from rfbench.results import store
 from rfbench.suite import executors, runner, status
@@ -52,40 +51,43 @@ def stable(df):
     return df.drop(columns=list(R.TIMED_COLUMNS)).sort_values(["cell", "seed_index"]).reset_index(drop=True)
 
 
-def _rfbench(*args, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "rfbench.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+def _rfbench(capsys, *args) -> tuple[int, str, str]:
+    """``rfbench ARGS`` in this process (the local executor's tasks are processes of their own)."""
+    capsys.readouterr()
+    code = main_entry([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_local_executor_matches_inline(tmp_path):
+def test_local_executor_matches_inline(tmp_path, capsys):
     suite_file = tmp_path / "tiny.toml"
     suite_file.write_text(TINY)
     inline = runner.run_suite(suite_file, tmp_path / "inline", progress=False)
     out = tmp_path / "local"
-    r = _rfbench("run", suite_file, "--out", out, "--executor", "local", "--tasks", 3, "--quiet")
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = _rfbench(
+        capsys, "run", suite_file, "--out", out, "--executor", "local", "--tasks", 2, "--quiet"
+    )
+    assert code == 0, err[-2000:]
     a, b = store.load_results(inline), store.load_results(out)
     assert len(b) == len(a) and b["cell"].nunique() == N_TINY
     assert not b.duplicated(["cell", "seed_index"]).any()
-    pd_testing = pytest.importorskip("pandas.testing")
-    pd_testing.assert_frame_equal(stable(b), stable(a))
+    pdt.assert_frame_equal(stable(b), stable(a))
     record = json.loads((out / "logs" / "submission.json").read_text())
-    assert record["executor"] == "local" and record["tasks"] == 3 and len(record["jobs"]) == 3
+    assert record["executor"] == "local" and record["tasks"] == 2 and len(record["jobs"]) == 2
     assert len(record["cells"]) == N_TINY
     # every task left its submitit log under the run folder
-    assert len(list((out / "logs").glob("*/*_log.err"))) == 3
-    s = _rfbench("status", out)
-    assert s.returncode == 0 and f"{N_TINY} cells: {N_TINY} done, 0 failed, 0 pending" in s.stdout
+    assert len(list((out / "logs").glob("*/*_log.err"))) == 2
+    code, text, _ = _rfbench(capsys, "status", out)
+    assert code == 0 and f"{N_TINY} cells: {N_TINY} done, 0 failed, 0 pending" in text
     # resuming a finished folder submits nothing
-    again = _rfbench("run", suite_file, "--out", out, "--executor", "local", "--resume", "--quiet")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert len(list((out / "logs").glob("*/*_log.err"))) == 3
+    code, _, err = _rfbench(
+        capsys, "run", suite_file, "--out", out, "--executor", "local", "--resume", "--quiet"
+    )
+    assert code == 0, err[-2000:]
+    assert len(list((out / "logs").glob("*/*_log.err"))) == 2
+    # without --resume, a folder with results is refused before anything is submitted
+    code, _, err = _rfbench(capsys, "run", suite_file, "--out", out, "--executor", "local")
+    assert code == 2 and "pass --resume" in err
 
 
 def test_status_of_an_inline_folder(tmp_path):
