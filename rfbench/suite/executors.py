@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rfbench.errors import SpecError
+from rfbench.errors import RFBenchError, SpecError
 from rfbench.results.atomic import atomic_write
 from rfbench.suite.executor_spec import ExecutorSpec
 from rfbench.suite.plan import Cell, select_shard
@@ -197,9 +197,20 @@ def submit(
     return outcome
 
 
+class SubmitError(RFBenchError):
+    """The scheduler refused the job array (sbatch failed: no cluster, a bad partition, ...)."""
+
+
 def _map(ex, task: ArrayTask, suite: Suite, out: Path, shards: list[tuple[int, int]], device):
     k = len(shards)
-    return ex.map_array(task, [suite] * k, [str(out)] * k, shards, [device] * k)
+    try:
+        return ex.map_array(task, [suite] * k, [str(out)] * k, shards, [device] * k)
+    except Exception as exc:  # noqa: BLE001  (submitit raises its own errors around sbatch's)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise SubmitError(
+            f"submitting {k} array task(s) failed: {lines[-1] if lines else type(exc).__name__} "
+            "(check the cluster settings: --partition, --account, --time-min, --mem-gb, --sbatch)"
+        ) from None
 
 
 def _tidy(out: Path) -> None:

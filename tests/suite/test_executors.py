@@ -236,3 +236,20 @@ def test_checkpoint_requeues_a_bounded_number_of_times():
         task = delayed.function
         assert task.attempt == attempt and delayed.args == ("suite", "out", (1, 2), None)
     assert task.checkpoint("suite", "out", (1, 2), None) is None
+
+
+def test_a_refused_submission_is_one_clear_error(tmp_path, monkeypatch):
+    class Refusing:
+        def map_array(self, *args):
+            raise RuntimeError(
+                "sbatch: error: invalid partition specified: gpux\nsbatch: error: Batch job submission failed"
+            )
+
+    suite = parse_suite(TINY)
+    cells = plan(suite, prepare_sources(suite), ["cpu"])
+    monkeypatch.setattr(executors, "make_executor", lambda *a: Refusing())
+    spec = ExecutorSpec(name="slurm", tasks=2)
+    with pytest.raises(executors.SubmitError, match="2 array task.*Batch job submission failed.*--partition"):
+        executors.submit(
+            suite, tmp_path / "out", cells, spec, run=runner.run_suite, device=None, finished=set()
+        )
