@@ -56,6 +56,10 @@ class ArrayTask:
         self.attempt = attempt
 
     def __call__(self, suite: Suite, out: str, shard: tuple[int, int], device: str | None) -> dict:
+        print(
+            f"rfbench: array task {shard[0]}/{shard[1]} of {suite.name}, attempt {self.attempt + 1}",
+            file=sys.stderr,
+        )
         if self.threads and not suite.timing.threads:
             import torch
 

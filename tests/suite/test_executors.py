@@ -253,3 +253,50 @@ def test_a_refused_submission_is_one_clear_error(tmp_path, monkeypatch):
         executors.submit(
             suite, tmp_path / "out", cells, spec, run=runner.run_suite, device=None, finished=set()
         )
+
+
+SLOW = TINY.replace("max_seconds = 0.02", "max_seconds = 0.25").replace("repeats = 3", "repeats = 100000")
+
+
+@pytest.mark.slow
+def test_a_preempted_local_task_is_requeued_and_completes(tmp_path):
+    """SIGUSR2 (submitit's preemption / time-out signal) to a running task: it is requeued, resumes,
+    and the folder ends complete with the inline run's numbers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    suite_file = tmp_path / "slow.toml"
+    suite_file.write_text(SLOW)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rfbench.cli", "run", str(suite_file), "--out", str(out)]
+        + ["--executor", "local", "--tasks", "1", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(store.cell_files(out)) < 2:
+            time.sleep(0.2)
+        assert len(store.cell_files(out)) >= 2, "the task wrote no cell within 120 s"
+        record = json.loads((out / "logs" / "submission.json").read_text())
+        controller = int(record["jobs"][0]["job_id"])  # a local job's id is its controller's pid
+        children = subprocess.run(
+            ["pgrep", "-P", str(controller)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 1, children
+        os.kill(int(children[0]), signal.SIGUSR2)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    log = next((out / "logs").glob("*/*_log.err")).read_text()
+    assert "preempted" in log and "attempt 1" in log and "attempt 2" in log, log
+    inline = runner.run_suite(suite_file, tmp_path / "inline", progress=False)
+    pdt.assert_frame_equal(stable(store.load_results(out)), stable(store.load_results(inline)))
