@@ -110,7 +110,8 @@ def planned_cells(out: Path) -> tuple[str, list[str]]:
 
     path = Path(meta.suite.path) if meta.suite.path else None
     suite = suite_from_dict(meta.suite.parsed, source=str(path or out / META_FILE), path=path)
-    devices = sorted({d.get("device") for d in meta.machine.devices if d.get("device")})
+    # the devices the runs resolved (their records), else what this machine resolves
+    devices = list(dict.fromkeys(d for run in meta.runs for d in run.get("devices") or []))
     try:
         devices = devices or resolve_devices(suite, None)
     except SpecError:
