@@ -16,6 +16,7 @@ from rfbench.errors import RFBenchError
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("rfbench.cli", "list feature maps, weight matrices, estimators or suites"),
     "run": ("rfbench.suite.runner", "run a suite (TOML) and write its results folder"),
+    "status": ("rfbench.suite.status", "cells done / failed / pending of a run (local or on a cluster)"),
     "report": ("rfbench.report.html", "render plots, tables and report.html from a results folder"),
     "compare": ("rfbench.report.compare", "compare two results folders; exit 1 on a regression"),
     "capture": ("rfbench.data.capture", "capture queries/keys/values from a local pretrained model"),

@@ -50,7 +50,10 @@ def open_folder(out: Path, suite: Suite, cells: list[Cell], mine: list[Cell], re
     """
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {out} exists and is not a folder")
-    entries = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    # logs/: what --executor local|slurm writes before the first task records its run
+    entries = (
+        [p for p in out.iterdir() if not p.name.startswith(".") and p.name != "logs"] if out.is_dir() else []
+    )
     if not entries:
         return FolderState(None)
     if not any((out / name).exists() for name in (META_FILE, RUNS_DIR, "cells")):
@@ -136,8 +139,9 @@ def _check_suite(out: Path, suite: Suite, previous: Meta | None, resume: bool) -
 
 
 def _comparable(validated: dict) -> dict:
-    """The parts of a validated suite that identify it (not where its file lies, nor its prose)."""
-    return {k: v for k, v in validated.items() if k not in ("path", "source", "description")}
+    """The parts of a validated suite that identify it (not where its file lies, nor its prose, nor
+    where it runs: ``[executor]`` changes no cell)."""
+    return {k: v for k, v in validated.items() if k not in ("path", "source", "description", "executor")}
 
 
 def _identity(key: dict, data_label: str) -> tuple:

@@ -38,7 +38,8 @@ from rfbench.results.meta import Meta, new_run_id, write_run
 from rfbench.results.store import load_summary
 from rfbench.results.summary import worst_status
 from rfbench.suite import cells as C
-from rfbench.suite import folder, provenance
+from rfbench.suite import executors, folder, provenance
+from rfbench.suite.executor_spec import EXECUTORS, ExecutorSpec, with_overrides
 from rfbench.suite.plan import Cell, learnable, parse_shard, plan, resolve_devices, select_shard
 from rfbench.suite.sources import Source, prepare_sources
 from rfbench.suite.spec import load_suite, suite_from_dict
@@ -309,6 +310,22 @@ def _curve_frame(cell: Cell, curves: list) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- CLI
+#: the executor flags of ``rfbench run``: flag -> (ExecutorSpec field, type, help)
+_EXECUTOR_FLAGS = {
+    "--tasks": ("tasks", int, "array tasks to group the cells into"),
+    "--cells-per-task": ("cells_per_task", int, "cells per array task (instead of --tasks)"),
+    "--retries": ("retries", int, "times a failed or preempted task is run again (default 2)"),
+    "--partition": ("partition", str, "slurm partition"),
+    "--account": ("account", str, "slurm account"),
+    "--time-min": ("time_min", int, "minutes per task (slurm --time; local: its time limit)"),
+    "--cpus": ("cpus", int, "CPUs per task"),
+    "--mem-gb": ("mem_gb", float, "memory per task in GB"),
+    "--gpus": ("gpus", int, "GPUs per task"),
+    "--array-parallelism": ("array_parallelism", int, "at most this many tasks at once"),
+    "--max-array-size": ("max_array_size", int, "the cluster's largest job array (default 1000)"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="a suite TOML file, or the name of a ready suite (e.g. quick)")
     parser.add_argument("--out", help="results folder (default: reports/<suite name>)")
@@ -319,27 +336,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate the suite and list its cells; run nothing"
     )
+    g = parser.add_argument_group("executor (default: the suite's [executor] section, else inline)")
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="inline: this process; local: worker processes; slurm: a job array",
+    )
+    g.add_argument("--no-wait", action="store_true", help="submit and return (watch with rfbench status DIR)")
+    for flag, (_, kind, help_text) in _EXECUTOR_FLAGS.items():
+        g.add_argument(flag, type=kind, help=help_text)
+    g.add_argument(
+        "--sbatch", action="append", metavar="FLAG", help="a further sbatch flag, e.g. --sbatch=--qos=high"
+    )
+
+
+def _executor(suite: Suite, args: argparse.Namespace) -> ExecutorSpec:
+    given = {
+        field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in _EXECUTOR_FLAGS.items()
+    }
+    given["name"] = args.executor
+    if args.sbatch:
+        given["sbatch"] = tuple(suite.executor.sbatch) + tuple(args.sbatch)
+    spec = with_overrides(suite.executor, given)
+    if spec.name != "inline" and args.shard:
+        raise SpecError(
+            f"--shard is for inline runs; --executor {spec.name} shards the suite itself (--tasks)"
+        )
+    return spec
 
 
 def main(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
+    spec = _executor(suite, args)
     if args.dry_run:
         devices = resolve_devices(suite, args.device)
         cells = plan(suite, prepare_sources(suite), devices)
         for c in select_shard(cells, parse_shard(args.shard)):
             print(f"{c.cell}  {c.label()}" + (f"  [skip: {c.skip}]" if c.skip else ""))
         print(f"{len(cells)} cells", file=sys.stderr)
+        if spec.name != "inline":
+            print(f"{spec.name}: {executors.tasks_note(spec, len(cells))}", file=sys.stderr)
         return 0
-    out = run_suite(
-        suite,
-        args.out,
-        device=args.device,
-        resume=args.resume,
-        shard=args.shard,
-        progress=False if args.quiet else None,
-    )
-    summary = load_summary(out)
+    if spec.name == "inline":
+        out = run_suite(
+            suite,
+            args.out,
+            device=args.device,
+            resume=args.resume,
+            shard=args.shard,
+            progress=False if args.quiet else None,
+        )
+        return _finish(out, args.quiet)
+    return _submit(suite, spec, args)
+
+
+def _submit(suite: Suite, spec: ExecutorSpec, args: argparse.Namespace) -> int:
+    """``--executor local|slurm``: plan here, submit the array tasks, wait for them (or not)."""
+    out = Path(args.out) if args.out is not None else Path("reports") / suite.name
+    devices = executors.planned_devices(suite, args.device, spec)
+    sources = prepare_sources(suite)
+    _check_fit(suite, sources)
+    cells = plan(suite, sources, devices)
+    folder.check_out(out, suite, cells, args.resume)  # refuse a wrong folder before submitting
+    finished = set(store.finished_cells(out, folder.KEPT_ON_RESUME)) if args.resume else set()
     if not args.quiet:
+        print(f"rfbench run: {spec.name}: {executors.tasks_note(spec, len(cells))}", file=sys.stderr)
+    # the tasks get the planned device, so their cells are the cells counted here
+    task_device = args.device or (devices[0] if len(devices) == 1 else None)
+    outcome = executors.submit(
+        suite,
+        out.resolve(),
+        cells,
+        spec,
+        run=run_suite,
+        device=task_device,
+        finished=finished,
+        wait=not args.no_wait,
+        show=False if args.quiet else None,
+    )
+    if not outcome.waited:
+        print(f"submitted {spec.name} job(s) {', '.join(outcome.job_ids) or '(none: nothing left to run)'}")
+        print(f"logs: {out}/logs/   watch: rfbench status {out}   then: rfbench report {out}")
+        return 0
+    store.consolidate(out, [c.cell for c in cells])
+    code = _finish(out, args.quiet)
+    for shard, error in sorted(outcome.failed.items()):
+        print(f"rfbench run: task {shard} failed after {spec.retries} retries: {error}", file=sys.stderr)
+    if outcome.failed:
+        print(
+            f"rfbench run: {len(outcome.failed)} task(s) failed; `rfbench run ... --resume` runs what is "
+            f"missing (rfbench status {out})",
+            file=sys.stderr,
+        )
+        return 1
+    return code
+
+
+def _finish(out: Path, quiet: bool) -> int:
+    summary = load_summary(out)
+    if not quiet:
         print(format_summary(summary))
         print(f"\nresults: {out}")
     n_error = int((summary["status"] == "error").sum())

@@ -74,6 +74,9 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     [fit.estimators."darkl-iid"]           # per-estimator overrides of FitConfig keys
     objective = "variance"
 
+    [executor]                             # where the cells run: inline | local | slurm, and
+    name = "slurm"                         #   the array tasks' settings (executor_spec.py)
+
 Scalars are accepted where a list is expected (``causal = true``). Cell keys and seeds are
 derived in plan.py from these objects, never from the order of the file.
 """

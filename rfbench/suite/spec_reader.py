@@ -15,6 +15,7 @@ from pathlib import Path
 from rfbench import registry
 from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.suite import baselines as B
+from rfbench.suite.executor_spec import read_executor
 from rfbench.suite.spec_types import (
     DEVICES,
     DTYPES,
@@ -145,7 +146,7 @@ class _Reader:
     # ------------------------------------------------------------- sections
     def suite(self, raw: dict, path: Path | None) -> Suite:
         top = self.table(
-            raw, "", ("suite", "estimators", "data", "sweep", "seeds", "metrics", "timing", "fit")
+            raw, "", ("suite", "estimators", "data", "sweep", "seeds", "metrics", "timing", "fit", "executor")
         )
         head = self.table(top.get("suite", _MISSING), "suite", ("name", "description"))
         default_name = path.stem if path is not None else "suite"
@@ -160,6 +161,8 @@ class _Reader:
         metrics = self.metrics(top.get("metrics", _MISSING))
         timing = self.timing(top.get("timing", _MISSING))
         fit = self.fit(top.get("fit", _MISSING), [e.name for e in estimators])
+        executor, problems = read_executor(top.get("executor"))
+        self.errors += [f"{self.source}: {p}" for p in problems]
         if not (metrics.kernel or metrics.attention_matrix or metrics.output or timing.enabled):
             self.error("metrics", "nothing to measure: every metric and timing are switched off")
         return Suite(
@@ -173,6 +176,7 @@ class _Reader:
             metrics=metrics,
             timing=timing,
             fit=fit,
+            executor=executor,
             source=self.source,
             path=path,
         )

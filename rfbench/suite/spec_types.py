@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rfbench.errors import SpecError
+from rfbench.suite.executor_spec import ExecutorSpec
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "auto")
@@ -123,6 +124,7 @@ class Suite:
     # the [fit] section (rfbench.learning.FitSpec, not imported here: it would load the learning
     # package for every suite): None measures on every token, fitting nothing
     fit: FitSpec | None = None  # noqa: F821
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # where the cells run (executor_spec.py)
     source: str = "<suite>"
     path: Path | None = None
     text: str = ""
