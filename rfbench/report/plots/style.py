@@ -130,11 +130,15 @@ def new_figure(width: float, height: float):
 
 def save(fig, name: str, opts: Options) -> list[str]:
     """Write ``fig`` in every format of ``opts``; the paths relative to the report, PNG first."""
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    from rfbench.report import safe_dir
+    from rfbench.results.atomic import atomic_write
+
+    safe_dir(opts.out_dir)
     files = []
     for fmt in opts.formats:
         path = opts.out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=opts.dpi, facecolor="white")
+        # atomic (a killed report leaves no half-written SVG) and never through a planted link
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=opts.dpi, facecolor="white"))
         files.append(f"{opts.rel_dir}/{path.name}")
     return files
 
