@@ -84,7 +84,13 @@ GUIDE = [
     "Time is the median forward-attention time per call; memory is the peak of one call (see the "
     "metadata for what it measures on this device). Exact attention grows as L², random features as L.",
     "When a run sweeps more axes than a figure shows, the figure picks the most complete slice and its "
-    "caption says which (e.g. L=1024, m=64).",
+    "caption says which (e.g. L=1024, m=64); a run with causal and non-causal cells gets each figure "
+    "for both. Each data source has its own leaderboard, at the largest L and m it was run at. "
+    "<code>rfbench report DIR --where key=value</code> keeps only the cells you name.",
+    "Leaderboard ranks respect the noise: estimators whose 95% intervals overlap share a rank (marked "
+    "=), and the seeds column says how many seeds each mean is over. The <strong>uniform</strong> "
+    "baseline gives every query the mean of the values: an estimator whose output error is above it "
+    "does worse than knowing nothing of q and k, and the tables say so.",
     "Cells that ran out of memory, failed or were skipped are listed with their reason in the tables; "
     "they are never silently dropped.",
 ]
