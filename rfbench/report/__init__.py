@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from rfbench.errors import DataError
+from rfbench.errors import DataError, SpecError
 from rfbench.results import store
 from rfbench.results.meta import META_FILE, Meta, read_meta
+from rfbench.results.schema import KEY_COLUMNS, column
 from rfbench.results.schema import STATUSES as STATUSES  # best to worst; re-exported for the report
-from rfbench.results.schema import column
 
 #: Key columns of a cell, besides the estimator identity (schema: docs/results.md).
 SLICE_KEYS = ("data", "seq_len", "num_features", "dim", "batch", "heads", "causal", "dtype", "device")
@@ -117,8 +118,6 @@ def load_runs(paths, where: dict | None = None) -> Run:
     if len(runs) > 1:
         run = _merge(runs)
     if where:
-        from rfbench.report.analysis import apply_where
-
         what = "the results" if len(runs) == 1 else "the merged results"
         summary = apply_where(run.summary, where, what)
         results = apply_where(run.results, where, what) if len(run.results) else run.results
@@ -155,6 +154,44 @@ def _merge(runs: list[Run]) -> Run:
     summary = pd.concat(summaries[::-1], ignore_index=True)
     result = pd.concat(results[::-1], ignore_index=True) if results else runs[0].results
     return Run(path=runs[0].path, results=result, summary=summary, meta=runs[0].meta, notes=notes)
+
+
+def parse_where(items) -> dict:
+    """``["causal=true", "data=isotropic"]`` -> {"causal": "true", ...} (values matched later)."""
+    out: dict[str, list[str]] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--where takes key=value (e.g. --where causal=true), got {item!r}")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def apply_where(frame: pd.DataFrame, where: dict, what: str = "the run") -> pd.DataFrame:
+    """Rows of ``frame`` whose key columns equal the ``where`` values (several values of one key:
+    any of them). SpecError naming the known keys or values when one does not occur."""
+    keys = [k for k in KEY_COLUMNS if k in frame]
+    for key, wanted in where.items():
+        if key not in keys:
+            raise SpecError(f"--where: unknown key {key!r}; key columns: {', '.join(keys)}")
+        present = {_as_text(v): v for v in frame[key].dropna().unique()}
+        missing = [w for w in wanted if w.lower() not in {p.lower() for p in present}]
+        if missing:
+            shown = ", ".join(sorted(present)[:20])
+            raise SpecError(f"--where: {key}={missing[0]} is not in {what}; its {key} values: {shown}")
+        match = frame[key].map(lambda v: _as_text(v).lower()).isin([w.lower() for w in wanted])
+        frame = frame[match]
+    return frame
+
+
+def _as_text(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, np.integer):
+        return str(int(v))
+    return str(v)
 
 
 def safe_dir(path: str | Path) -> Path:

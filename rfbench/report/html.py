@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rfbench.errors import SpecError
-from rfbench.report import METRICS, Run, load_runs, peak_memory_note, safe_dir
+from rfbench.report import METRICS, Run, load_runs, parse_where, peak_memory_note, safe_dir
 from rfbench.report.plots import Skip  # the module imports matplotlib only when drawing
 from rfbench.results import Meta
 
@@ -119,8 +119,6 @@ def main(args: argparse.Namespace) -> int:
     if args.dpi is not None and not 30 <= args.dpi <= 600:
         raise SpecError(f"--dpi must be between 30 and 600, got {args.dpi}")
     prefer = {k: v for k, v in (("num_features", args.num_features), ("seq_len", args.seq_len)) if v}
-    from rfbench.report.analysis import parse_where
-
     where = parse_where(args.where)
     out = Path(args.out) if args.out else Path(args.run_dir[0])
     page, figures = render_report(args.run_dir, out, prefer=prefer, dpi=args.dpi,

@@ -11,8 +11,8 @@ import pytest
 from test_report_synthetic import SMALL, make_run
 
 from rfbench.errors import DataError, SpecError
-from rfbench.report import Run, load_runs
-from rfbench.report.analysis import apply_where, board_slices, noise_ranks, parse_where
+from rfbench.report import Run, apply_where, load_runs, parse_where
+from rfbench.report.analysis import board_slices, noise_ranks
 from rfbench.report.tables import build_tables, to_html, to_markdown, write_tables
 
 

@@ -132,8 +132,8 @@ def memory_vs_seqlen(run: Run, opts: Options, name: str = "memory_vs_seqlen") ->
     meaning = peak_memory_note(run)
     scale = "log-log" if fig.axes[0].get_yscale() == "log" else "log₂ x, linear y"
     caption = (f"Peak memory of one forward attention call against L ({scale}), mean over "
-               f"{seeds_text(rows)}; {describe_slice(fixed) or 'all cells'}. Dashed: baselines (exact and sdpa "
-               "hold an L×L score matrix, which grows quadratically). Lower is better."
+               f"{seeds_text(rows)}; {describe_slice(fixed) or 'all cells'}. Dashed: baselines (exact "
+               "and sdpa hold an L×L score matrix, which grows quadratically). Lower is better."
                + (f" Measured as {meaning.rstrip('.')}." if meaning else ""))
     caption += failed_note(baselines_for(run.summary, fixed))
     return Figure(name, title, caption, files)
