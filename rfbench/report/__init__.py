@@ -178,7 +178,7 @@ def apply_where(frame: pd.DataFrame, where: dict, what: str = "the run") -> pd.D
         missing = [w for w in wanted if w.lower() not in {p.lower() for p in present}]
         if missing:
             shown = ", ".join(sorted(present)[:20])
-            raise SpecError(f"--where: {key}={missing[0]} is not in {what}; its {key} values: {shown}")
+            raise SpecError(f"--where: {key}={missing[0]!r} is not in {what}; its {key} values: {shown}")
         match = frame[key].map(lambda v: _as_text(v).lower()).isin([w.lower() for w in wanted])
         frame = frame[match]
     return frame

@@ -84,7 +84,7 @@ def test_where_filters_any_key_and_names_what_is_known():
     assert len(apply_where(frame, {"seq_len": ["256"]})) == 2
     with pytest.raises(SpecError, match="unknown key 'colour'.*key columns: .*data"):
         apply_where(frame, {"colour": ["red"]})
-    with pytest.raises(SpecError, match="data=lowrank is not in .*aniso, iso"):
+    with pytest.raises(SpecError, match="data=.lowrank. is not in .*aniso, iso"):
         apply_where(frame, {"data": ["lowrank"]})
     with pytest.raises(SpecError, match="key=value"):
         parse_where(["causal"])
@@ -139,3 +139,27 @@ def test_report_outputs_never_follow_a_planted_link(two_folders, tmp_path):
     tmp = tmp_path / "ok"
     write_tables(load_runs([a]), tmp)
     assert not [p for p in tmp.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+
+
+def test_each_causal_value_gets_its_figures(two_folders, tmp_path):
+    from rfbench.report.plots import Figure, Options, render_figures
+
+    run = load_runs([two_folders[0]])
+    both = [run.summary, run.summary.assign(causal=True, cell=run.summary["cell"] + "c")]
+    results = [run.results, run.results.assign(causal=True, cell=run.results["cell"] + "c")]
+    mixed = Run(path=run.path, results=pd.concat(results), summary=pd.concat(both), meta=run.meta)
+    figures = render_figures(mixed, Options(out_dir=tmp_path, formats=("png",), dpi=30))
+    drawn = [f for f in figures if isinstance(f, Figure)]
+    names = {f.name for f in drawn}
+    assert "error_heatmap_causal" in names and "error_heatmap_noncausal" in names
+    assert all((tmp_path / f.files[0].split("/")[-1]).is_file() for f in drawn)
+    assert all(("(causal)" in f.title) != ("(non-causal)" in f.title) for f in figures)
+
+
+def test_cli_where_errors_are_one_line_with_exit_2(two_folders, capsys, tmp_path):
+    from rfbench.cli import main_entry
+
+    a, b = two_folders
+    assert main_entry(["report", str(a), "--where", "colour=red", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'colour'" in err[0]
