@@ -196,16 +196,21 @@ def value_axis(ax, values, which: str = "y") -> None:
 
 
 def log_labels(ax, values, which: str = "y") -> None:
-    """Label a log axis 0.7, 0.8, 0.9 (within a decade), 0.1, 0.2, 0.5, 1 (two) or 10⁻³, 10⁻² (more);
-    minor ticks unlabelled."""
+    """Label a log axis 0.7, 0.8, 0.9 (narrow), 0.1, 0.2, 0.5, 1 (two decades) or 10⁻³, 10⁻² (more),
+    judged on the axis limits; minor ticks unlabelled."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
     decades = math.log10(v.max() / v.min()) if len(v) > 1 else 0.0
     axis = ax.yaxis if which == "y" else ax.xaxis
-    # every 1..9 within a decade, 1-2-5 within two, powers of ten beyond (numticks thins them)
-    subs = tuple(range(1, 10)) if decades < 1 else (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()  # bands can reach past the values
+    if lo > 0 and hi > lo:
+        decades = max(decades, math.log10(hi / lo))
+    # every 1..9 within half a decade, 1-2-3-5 within one, 1-2-5 within two, powers of ten
+    # beyond (numticks thins them)
+    subs = (tuple(range(1, 10)) if decades < 0.5 else (1.0, 2.0, 3.0, 5.0) if decades < 1
+            else (1.0, 2.0, 5.0) if decades < 2 else (1.0,))
     axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=7))
     axis.set_major_formatter(FuncFormatter(_tick))
     axis.set_minor_formatter(NullFormatter())
