@@ -242,14 +242,14 @@ def _toml(value) -> str:
     return f"`{value}`"
 
 
-def _rows(section: str, keys, meaning_prefix: str) -> list[str]:
+def _rows(section: str, keys, meaning_prefix: str, source: str | None = None) -> list[str]:
     defaults = _defaults(section)
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key in keys:
         kind, default, meaning = MEANINGS.get(f"{meaning_prefix}.{key}", ("?", None, ""))
         shown = default if default is not None else defaults.get(key, "—")
-        if section == "data" and key == "heads" and meaning_prefix == "data":
-            shown = defaults.get("heads", "—") + " (synthetic)"
+        if section == "data" and key == "heads":  # a count for synthetic data, indices for a capture
+            shown = defaults.get("heads", "—") if source == "synthetic" else "all"
         meaning = meaning or "not described yet (add it to `rfbench/suite/format_doc.py`)"
         lines.append(f"| `{key}` | {kind} | {shown} | {meaning} |")
     return lines
@@ -294,7 +294,7 @@ def generate() -> str:
             for source in spec_types.SOURCES:
                 if f"data.{source}" in keys:
                     out += [f"With `source = \"{source}\"`:", ""]
-                    out += _rows("data", keys[f"data.{source}"], "data") + [""]
+                    out += _rows("data", keys[f"data.{source}"], "data", source) + [""]
             out.pop()
             continue
         out += _rows(section, keys.get(section, ()), section)
