@@ -9,6 +9,13 @@ N(0, I) data has); ``q_norm`` / ``k_norm`` set another RMS norm sqrt(E|x|^2). Th
 the 1/sqrt(d) scale (an estimator sees q * d**-0.25), so the default logits q.k / sqrt(d) have
 unit variance. Values v are N(0, 1) entries ``[B, H, L, dim_v or dim]`` except for "matched".
 
+Attention entropy: the default norms give nearly uniform attention (unit-variance logits). The
+bundled MiniLM-L6 capture's 36 heads have a mean attention entropy of 4.32 nats at L = 512
+(median 4.63, range 0.21-5.82; log L = 6.24) and 3.66 at L = 256, against 5.74 / 5.06 for
+isotropic data at the default norm. ``attention_entropy`` measures it; RMS norms of
+1.434 sqrt(d) (isotropic) and 1.165 sqrt(d) (anisotropic, cond 100) match 4.32 at L = 512,
+d = 64 (the quick suite's synthetic sources use them).
+
 Determinism: every draw is made on the CPU in float64 from ``torch.Generator``s seeded from
 ``seed`` (one stream each for the structure -- rotations, centres, subspaces -- and for q, k
 and v), then cast to ``dtype``. The same seed gives the same numbers on every device, and the
@@ -118,6 +125,23 @@ def make(
         q, k = _GENERATORS[kind](shape, seed, p, _norms(dim, p))
         v = _randn((batch, heads, seq_len, dim_v or dim), _stream(seed, "v"))
     return QKV(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                      causal: bool = False) -> torch.Tensor:
+    """Mean over queries of the entropy (nats) of softmax(q k^T * scale) rows, per head.
+
+    q ``[..., L, d]``, k ``[..., Lk, d]`` -> ``[...]``. ``scale`` defaults to 1/sqrt(d); computed
+    in float64 (0 log 0 = 0). Uniform attention over L keys gives log L; one-hot attention, 0.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q.to(torch.float64) @ k.to(torch.float64).transpose(-1, -2)) * scale
+    if causal:
+        mask = torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1)
+        logits = logits.masked_fill(mask, -math.inf)
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1).mean(-1)
 
 
 # --------------------------------------------------------------------------- helpers

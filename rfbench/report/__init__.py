@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from rfbench.errors import DataError
+from rfbench.errors import DataError, SpecError
 from rfbench.results import store
 from rfbench.results.meta import META_FILE, Meta, read_meta
+from rfbench.results.schema import KEY_COLUMNS, column
 from rfbench.results.schema import STATUSES as STATUSES  # best to worst; re-exported for the report
-from rfbench.results.schema import column
 
 #: Key columns of a cell, besides the estimator identity (schema: docs/results.md).
 SLICE_KEYS = ("data", "seq_len", "num_features", "dim", "batch", "heads", "causal", "dtype", "device")
@@ -102,6 +103,106 @@ def load_run(path: str | Path, with_summary: bool = True) -> Run:
     else:
         notes.append("meta.json is missing: versions, device and times are unknown")
     return Run(path=path, results=tables.results, summary=summary, meta=meta, notes=notes)
+
+
+def load_runs(paths, where: dict | None = None) -> Run:
+    """Read one or more results folders as one run, keeping the rows that match ``where``.
+
+    Folders are merged in the order given. A cell (the ``cell`` key, else its key columns) found
+    in more than one folder is taken from the last folder that has it, all its seed rows
+    together, and ``run.notes`` says how many cells were replaced; the metadata shown is the
+    first folder's. ``where``: {key column: [values]} (``analysis.apply_where``).
+    """
+    runs = [load_run(p) for p in paths]
+    run = runs[0]
+    if len(runs) > 1:
+        run = _merge(runs)
+    if where:
+        what = "the results" if len(runs) == 1 else "the merged results"
+        summary = apply_where(run.summary, where, what)
+        results = apply_where(run.results, where, what) if len(run.results) else run.results
+        shown = ", ".join(f"{k}={'|'.join(v)}" for k, v in where.items())
+        run = Run(path=run.path, results=results, summary=summary, meta=run.meta,
+                  notes=[*run.notes, f"only cells with {shown} are shown (--where)"])
+    return run
+
+
+def _cell_key(frame: pd.DataFrame) -> list[str]:
+    if "cell" in frame:
+        return ["cell"]
+    return [c for c in ("suite", *IDENTITY, *SLICE_KEYS) if c in frame]
+
+
+def _merge(runs: list[Run]) -> Run:
+    summaries, results, replaced = [], [], 0
+    seen: set = set()
+    for run in reversed(runs):  # the last folder wins a cell that several folders hold
+        key = _cell_key(run.summary)
+        cells = list(map(tuple, run.summary[key].astype(str).to_numpy()))
+        keep = [c not in seen for c in cells]
+        replaced += len(cells) - sum(keep)
+        summaries.append(run.summary[keep])
+        if len(run.results):
+            rkeys = list(map(tuple, run.results[key].astype(str).to_numpy()))
+            results.append(run.results[[c not in seen for c in rkeys]])
+        seen.update(cells)
+    notes = [f"merged {len(runs)} folders: " + ", ".join(str(r.path) for r in runs)]
+    if replaced:
+        notes.append(f"{replaced} cell(s) held by more than one folder were taken from the last "
+                     "folder given that holds them")
+    notes += [f"{r.path}: {n}" for r in runs for n in r.notes]
+    summary = pd.concat(summaries[::-1], ignore_index=True)
+    result = pd.concat(results[::-1], ignore_index=True) if results else runs[0].results
+    return Run(path=runs[0].path, results=result, summary=summary, meta=runs[0].meta, notes=notes)
+
+
+def parse_where(items) -> dict:
+    """``["causal=true", "data=isotropic"]`` -> {"causal": "true", ...} (values matched later)."""
+    out: dict[str, list[str]] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--where takes key=value (e.g. --where causal=true), got {item!r}")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def apply_where(frame: pd.DataFrame, where: dict, what: str = "the run") -> pd.DataFrame:
+    """Rows of ``frame`` whose key columns equal the ``where`` values (several values of one key:
+    any of them). SpecError naming the known keys or values when one does not occur."""
+    keys = [k for k in KEY_COLUMNS if k in frame]
+    for key, wanted in where.items():
+        if key not in keys:
+            raise SpecError(f"--where: unknown key {key!r}; key columns: {', '.join(keys)}")
+        present = {_as_text(v): v for v in frame[key].dropna().unique()}
+        missing = [w for w in wanted if w.lower() not in {p.lower() for p in present}]
+        if missing:
+            shown = ", ".join(sorted(present)[:20])
+            raise SpecError(f"--where: {key}={missing[0]!r} is not in {what}; its {key} values: {shown}")
+        match = frame[key].map(lambda v: _as_text(v).lower()).isin([w.lower() for w in wanted])
+        frame = frame[match]
+    return frame
+
+
+def _as_text(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, np.integer):
+        return str(int(v))
+    return str(v)
+
+
+def safe_dir(path: str | Path) -> Path:
+    """Create the output folder ``path`` (and its parents); DataError if it, or a folder the
+    report writes into, is a symbolic link: the report never writes through a link."""
+    path = Path(path)
+    if path.is_symlink():  # its parents are the user's own choice (e.g. /tmp -> /private/tmp)
+        raise DataError(f"{path} is a symbolic link; rfbench report does not write through links "
+                            "(remove it or give another --out)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def normalise(df: pd.DataFrame, where: str) -> pd.DataFrame:

@@ -295,3 +295,56 @@ def failed_note(frame: pd.DataFrame) -> str:
         return ""
     more = f" and {len(items) - 6} more" if len(items) > 6 else ""
     return " Not shown: " + ", ".join(items[:6]) + more + " (see the failures table)."
+
+
+# ------------------------------------------------------------------------------ leaderboard slices
+def board_slices(est: pd.DataFrame, prefer: dict | None = None) -> list[tuple[pd.DataFrame, dict]]:
+    """One (rows, fixed) slice per data source (and per causal value, where both were run).
+
+    Each source is shown at the largest L that has an ok cell, then the largest m that has an ok
+    cell at that L (``prefer`` values win where the source has them), the other keys picked as in
+    ``pick_slice``. So a source that was run only at short L still gets its own, full table.
+    ``fixed`` always names the data source, L and m.
+    """
+    prefer = dict(prefer or {})
+    out = []
+    groups = ["data"] + (["causal"] if "causal" in est and est["causal"].nunique() > 1 else [])
+    order = list(est["data"].value_counts().index)
+    for values, rows in sorted(est.groupby(groups, sort=False, dropna=False),
+                               key=lambda g: (order.index(_first(g[0])), str(g[0]))):
+        values = values if isinstance(values, tuple) else (values,)
+        ok = rows[rows["status"] == "ok"]
+        pick = {}
+        for key in ("seq_len", "num_features"):
+            if key not in rows:
+                continue
+            source = ok if len(ok) else rows
+            if prefer.get(key) is not None and (source[key] == prefer[key]).any():
+                pick[key] = prefer[key]
+            elif len(source):
+                pick[key] = source[key].max()
+            ok, rows = ok[ok[key] == pick[key]], rows[rows[key] == pick[key]]
+        rest = {k: v for k, v in prefer.items() if k not in pick}
+        chosen, fixed = pick_slice(rows, ("feature_map", "weight_matrix"), rest)
+        fixed = {**dict(zip(groups, values)), **pick, **{k: v for k, v in fixed.items() if k not in pick}}
+        out.append((chosen, fixed))
+    return out
+
+
+def _first(v):
+    return v[0] if isinstance(v, tuple) else v
+
+
+def noise_ranks(mean, lo, hi) -> np.ndarray:
+    """Ranks that respect the 95% intervals, for rows sorted by mean (best first).
+
+    A row's rank is 1 + the number of rows whose interval lies wholly below its own
+    (hi_j < lo_i), raised where needed so that ranks never fall down the table. Rows whose
+    intervals overlap thus share a rank; a row without an interval (one seed) counts as its mean.
+    [n] -> [n] ints
+    """
+    mean = np.asarray(mean, float)
+    lo = np.where(np.isfinite(np.asarray(lo, float)), lo, mean)
+    hi = np.where(np.isfinite(np.asarray(hi, float)), hi, mean)
+    raw = np.array([1 + int(np.sum(hi < lo[i])) for i in range(len(mean))], dtype=int)
+    return np.maximum.accumulate(raw) if len(raw) else raw

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rfbench.errors import SpecError
-from rfbench.report import METRICS, Run, load_run, peak_memory_note
+from rfbench.report import METRICS, Run, load_runs, parse_where, peak_memory_note, safe_dir
 from rfbench.report.plots import Skip  # the module imports matplotlib only when drawing
 from rfbench.results import Meta
 
@@ -84,15 +84,26 @@ GUIDE = [
     "Time is the median forward-attention time per call; memory is the peak of one call (see the "
     "metadata for what it measures on this device). Exact attention grows as L², random features as L.",
     "When a run sweeps more axes than a figure shows, the figure picks the most complete slice and its "
-    "caption says which (e.g. L=1024, m=64).",
+    "caption says which (e.g. L=1024, m=64); a run with causal and non-causal cells gets each figure "
+    "for both. Each data source has its own leaderboard, at the largest L and m it was run at. "
+    "<code>rfbench report DIR --where key=value</code> keeps only the cells you name.",
+    "Leaderboard ranks respect the noise: estimators whose 95% intervals overlap share a rank (marked "
+    "=), and the seeds column says how many seeds each mean is over. The <strong>uniform</strong> "
+    "baseline gives every query the mean of the values: an estimator whose output error is above it "
+    "does worse than knowing nothing of q and k, and the tables say so.",
     "Cells that ran out of memory, failed or were skipped are listed with their reason in the tables; "
     "they are never silently dropped.",
 ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="results folder written by `rfbench run`")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
+                        help="results folder(s) written by `rfbench run`; several are merged into one "
+                             "report (a cell held by more than one is taken from the last given)")
+    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first RUN_DIR)")
+    parser.add_argument("--where", metavar="KEY=VALUE", action="append", default=[],
+                        help="keep only cells whose key column KEY equals VALUE (repeatable; a key "
+                             "given twice keeps either value), e.g. --where causal=true")
     parser.add_argument("--m", type=int, metavar="M", dest="num_features",
                         help="feature count m of the fixed-m figures and tables (default: the best covered)")
     parser.add_argument("--seq-len", type=int, metavar="L",
@@ -108,9 +119,10 @@ def main(args: argparse.Namespace) -> int:
     if args.dpi is not None and not 30 <= args.dpi <= 600:
         raise SpecError(f"--dpi must be between 30 and 600, got {args.dpi}")
     prefer = {k: v for k, v in (("num_features", args.num_features), ("seq_len", args.seq_len)) if v}
-    out = Path(args.out) if args.out else Path(args.run_dir)
+    where = parse_where(args.where)
+    out = Path(args.out) if args.out else Path(args.run_dir[0])
     page, figures = render_report(args.run_dir, out, prefer=prefer, dpi=args.dpi,
-                                  svg=not args.no_svg, embed=args.embed)
+                                  svg=not args.no_svg, embed=args.embed, where=where)
     skipped = [f for f in figures if isinstance(f, Skip)]
     drawn = [f for f in figures if not isinstance(f, Skip)]
     print(f"wrote {page} ({len(drawn)} figures, tables in {out / 'tables'}) "
@@ -128,16 +140,18 @@ def render_report(
     dpi: int = 150,
     svg: bool = True,
     embed: bool = False,
+    where: dict | None = None,
 ) -> tuple[Path, list]:
-    """Write figures, tables and report.html for ``run_dir`` under ``out_dir``; return the page path
-    and the list of Figure/Skip records."""
+    """Write figures, tables and report.html for ``run_dir`` (one folder or a list, merged as
+    ``load_runs`` says) under ``out_dir``, keeping the cells that match ``where``; return the page
+    path and the list of Figure/Skip records."""
     from rfbench.report.plots import Options, render_figures
     from rfbench.report.tables import to_html, write_tables
 
     started = time.perf_counter()
-    run = load_run(run_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    run = load_runs(dirs, where)
+    out_dir = safe_dir(out_dir)
     opts = Options(out_dir=out_dir / "figures", formats=("png", "svg") if svg else ("png",), dpi=dpi,
                    prefer=dict(prefer or {}))
     figures = render_figures(run, opts)

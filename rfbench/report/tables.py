@@ -1,10 +1,11 @@
 """Tables of a results folder: ranked leaderboards and the failures list, as Markdown, LaTeX, HTML.
 
-A leaderboard ranks the estimators of one data source at one (L, m) slice by their mean error
-(kernel relative MSE, else output error, else time; output error first in a run that fitted on
-part of the tokens), shows mean ± 95% CI half-width over seeds for every metric, and keeps cells
-that failed or were skipped, with their reason, below the ranked ones. The exact-attention
-baselines of the same slice follow as references.
+A leaderboard ranks the estimators of one data source at its largest (L, m) by their mean error
+(output error, else kernel relative MSE, else time), with ranks shared where the 95% intervals
+cannot tell estimators apart, shows mean ± 95% CI half-width over seeds for every metric and the
+seed count, marks estimators whose output error exceeds the uniform baseline's, and keeps cells
+that failed or were skipped, with their reason, below the ranked ones. The baselines of the
+same slice follow as references.
 
 A run of a suite with a ``[fit]`` section also gets its held-out tables first: the attention-output
 error on the held-out tokens (against softmax attention, and against each learned estimator's own
@@ -23,20 +24,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfbench.report import METRICS, Run
+from rfbench.report import METRICS, Run, safe_dir
 from rfbench.report.analysis import (
     baselines_for,
+    board_slices,
     describe_slice,
     has_metric,
-    pick_slice,
+    noise_ranks,
     seed_means_over_data,
+    uniform_floor,
     value_columns,
 )
 from rfbench.results import STATUSES, mean_ci
+from rfbench.results.atomic import atomic_write, write_text
 
 #: Metrics a leaderboard shows, in order, when the run has them.
 BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
-RANK_BY = ("kernel_rel_mse", "out_rel_err", "time_ms")
+# Output error first: it is what attention sees, and its spread over seeds is small, while the
+# kernel relative MSE is dominated by rare pairs of large norm (heavy-tailed over seeds), so its
+# t-intervals seldom separate estimators.
+RANK_BY = ("out_rel_err", "kernel_rel_mse", "time_ms")
 RANK_BY_HELD_OUT = ("out_rel_err", "kernel_rel_mse", "time_ms")
 
 
@@ -87,14 +94,13 @@ def _status_text(row: pd.Series) -> str:
 
 # ------------------------------------------------------------------------------ building
 def build_tables(run: Run, prefer: dict | None = None) -> list[Table]:
-    """One leaderboard per data source, then the failures table (if any cell failed)."""
+    """One leaderboard per data source (and causal value), then the failures table (if any)."""
     s = run.summary
     est = s[s["kind"] == "estimator"]
     tables = [t for m in HELD_OUT_METRICS for t in held_out_tables(run, m)]
-    datas = list(est["data"].value_counts().index) if "data" in est and len(est) else [None]
-    for data in datas:
-        rows = est if data is None else est[est["data"] == data]
-        board = leaderboard(run, rows, prefer or {}, data)
+    several_causal = "causal" in est and est["causal"].nunique() > 1
+    for rows, fixed in (board_slices(est, prefer) if len(est) else []):
+        board = leaderboard(run, rows, fixed, several_causal)
         if board is not None:
             tables.append(board)
     fails = failures(run)
@@ -103,45 +109,79 @@ def build_tables(run: Run, prefer: dict | None = None) -> list[Table]:
     return tables
 
 
-def leaderboard(run: Run, est: pd.DataFrame, prefer: dict, data=None) -> Table | None:
-    """Rank the estimators of one slice (all statuses kept) with the slice's baselines after them."""
-    if est.empty:
+def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool = False) -> Table | None:
+    """Rank the estimators of one slice (all statuses kept) with the slice's baselines after them.
+
+    Ranks respect the noise: an estimator's rank is 1 + the number of estimators whose 95%
+    interval lies wholly below its own, so estimators that cannot be told apart share a rank
+    (marked '='). An estimator whose mean output error exceeds the uniform baseline's is marked.
+    """
+    if rows.empty:
         return None
-    rows, fixed = pick_slice(est, ("feature_map", "weight_matrix"), prefer)
-    if data is not None:
-        fixed = {"data": data, **{k: v for k, v in fixed.items() if k != "data"}}
     base = baselines_for(run.summary, fixed)
     frame = pd.concat([rows, base])
     metrics = [m for m in BOARD_METRICS if has_metric(frame, m)]
     order = RANK_BY_HELD_OUT if is_held_out(run) else RANK_BY
     rank_by = next((m for m in order if m in metrics), None)
-    key = value_columns(rows, rank_by)[0] if rank_by else None
+    key, lo, hi = value_columns(rows, rank_by) if rank_by else (None, None, None)
     ok = rows["status"] == "ok"
     if key:
         ok &= np.isfinite(pd.to_numeric(rows[key], errors="coerce"))
     ranked = rows[ok].sort_values(key) if key else rows[ok].sort_values("estimator")
     others = rows[~ok].sort_values("estimator")
-    columns = ["rank", "estimator", "m"] + [METRICS[m].header() for m in metrics] + ["status"]
+    ranks = (noise_ranks(ranked[key], ranked[lo] if lo else np.nan, ranked[hi] if hi else np.nan)
+             if key else np.arange(1, len(ranked) + 1))
+    floor = uniform_floor(run.summary, "out_rel_err", fixed)
+    columns = ["rank", "estimator", "m"] + [METRICS[m].header() for m in metrics] + ["seeds", "status"]
     out, status = [], []
-    for rank, (_, r) in enumerate(ranked.iterrows(), start=1):
-        out.append([str(rank), r["estimator"], _int(r.get("num_features"))] + _cells(r, metrics) + ["ok"])
+    shared = {r for r in ranks if list(ranks).count(r) > 1}
+    n_worse = 0
+    for rank, (_, r) in zip(ranks, ranked.iterrows()):
+        note = "ok"
+        if floor is not None and _mean(r, "out_rel_err") > floor:
+            note, n_worse = f"ok; output error above uniform's {fmt(floor)}", n_worse + 1
+        out.append([f"{rank}=" if rank in shared else str(rank), r["estimator"], _int(r.get("num_features"))]
+                   + _cells(r, metrics) + [_seeds(r), note])
         status.append("ok")
     for _, r in others.iterrows():
         out.append(["–", r["estimator"], _int(r.get("num_features"))] + _cells(r, metrics)
-                   + [_status_text(r)])
+                   + [_seeds(r), _status_text(r)])
         status.append(str(r["status"]))
     for _, r in base.sort_values("estimator").iterrows():
-        out.append(["ref", f"{r['estimator']} (baseline)", "–"] + _cells(r, metrics) + [_status_text(r)])
+        out.append(["ref", f"{r['estimator']} (baseline)", "–"] + _cells(r, metrics)
+                   + [_seeds(r), _status_text(r)])
         status.append("baseline" if r["status"] == "ok" else str(r["status"]))
     n = ranked["n_ok"] if "n_ok" in ranked and len(ranked) else None
     seeds = "?" if n is None else f"{int(n.min())}" + (f"–{int(n.max())}" if n.max() > n.min() else "")
     where = describe_slice(fixed)
-    caption = (f"Estimators ranked by mean {METRICS[rank_by].label if rank_by else 'name'} (lower is better)"
+    label = METRICS[rank_by].label if rank_by else "name"
+    caption = (f"Estimators ranked by mean {label} (lower is better)"
                + (f" at {where}" if where else "") + f"; mean ± 95% CI half-width over {seeds} seeds "
-               "(t-interval; a lone mean where only one seed succeeded). Failed or skipped cells follow "
-               "unranked with their reason; exact baselines come last.")
-    title = "Leaderboard" + (f": {data}" if data is not None else "")
-    return Table(title, caption, columns, out, status, "rlr" + "r" * len(metrics) + "l")
+               "(t-interval; a lone mean where only one seed succeeded). Rank = 1 + the number of "
+               "estimators whose 95% interval lies wholly below this one's, so estimators that the "
+               "seeds cannot tell apart share a rank (marked =).")
+    if floor is not None:
+        caption += (f" {n_worse} of {len(ranked)} ranked estimators have a mean output error above the "
+                    f"uniform baseline's ({fmt(floor)}: every query gets the mean of the values), "
+                    "i.e. worse than knowing nothing of q and k.")
+    caption += " Failed or skipped cells follow unranked with their reason; baselines come last."
+    title = "Leaderboard: " + str(fixed.get("data", "all data"))
+    if several_causal and "causal" in fixed:
+        title += " (causal)" if bool(fixed["causal"]) else " (non-causal)"
+    return Table(title, caption, columns, out, status, "rlr" + "r" * len(metrics) + "rl")
+
+
+def _mean(r: pd.Series, metric: str) -> float:
+    col = value_columns(r.to_frame().T, metric)[0]
+    v = pd.to_numeric(pd.Series([r.get(col)]), errors="coerce").iloc[0]
+    return float(v) if pd.notna(v) else float("nan")
+
+
+def _seeds(r: pd.Series) -> str:
+    n_ok, n = r.get("n_ok"), r.get("n_seeds")
+    if n_ok is None or pd.isna(n_ok):
+        return "?"
+    return f"{int(n_ok)}" if n is None or pd.isna(n) or int(n) == int(n_ok) else f"{int(n_ok)}/{int(n)}"
 
 
 HELD_OUT_METRICS = ("out_rel_err", "target_out_rel_err")
@@ -262,30 +302,39 @@ def _cells(r: pd.Series, metrics: list[str]) -> list[str]:
 
 
 def failures(run: Run) -> Table | None:
-    """Every cell with status oom/error/skipped and its reason; cells that differ only in L or m
-    and fail for the same reason share one row."""
+    """Cells with status oom/error/skipped, one row per distinct (status, reason) with the number
+    of cells that share it and the estimators, data sources, L and m they cover."""
     s = run.summary
     bad = s[s["status"] != "ok"].copy()
     if bad.empty:
         return None
-    group = [c for c in ("estimator", "data", "status", "message") if c in bad]
+    bad["message"] = bad.get("message", pd.Series("", index=bad.index)).fillna("").astype(str)
+    bad["message"] = bad["message"].str.strip().str.replace("\n", " ", regex=False)
     rows, status = [], []
-    for key, grp in bad.groupby(group, sort=True, dropna=False):
-        r = dict(zip(group, key))
+    for (stat, msg), grp in bad.groupby(["status", "message"], sort=True, dropna=False):
         n_ok = int(grp["n_ok"].sum()) if "n_ok" in grp else None
         n = int(grp["n_seeds"].sum()) if "n_seeds" in grp else None
-        msg = str(r.get("message", "") or "").strip().replace("\n", " ")
-        rows.append([str(r["estimator"]), str(r.get("data", "")), _values(grp, "seq_len"),
-                     _values(grp, "num_features"), str(r["status"]),
+        rows.append([str(stat), str(len(grp)), _names(grp, "estimator"), _names(grp, "data"),
+                     _values(grp, "seq_len"), _values(grp, "num_features"),
                      f"{n_ok}/{n}" if n is not None and n_ok is not None else "?",
                      msg[:200] + ("..." if len(msg) > 200 else "")])
-        status.append(str(r["status"]))
-    order = sorted(range(len(rows)), key=lambda i: (-_severity(rows[i][4]), rows[i][0], rows[i][1]))
+        status.append(str(stat))
+    order = sorted(range(len(rows)), key=lambda i: (-_severity(rows[i][0]), -int(rows[i][1]), rows[i][7]))
     caption = (f"{len(bad)} cell(s) did not complete on every seed; they are left out of the figures. "
-               "'ok seeds' counts the seeds that did, over all the listed L and m.")
+               "Cells that failed for the same reason share a row ('cells' counts them); 'ok seeds' "
+               "counts the seeds that did complete, over all the row's cells.")
     return Table("Failed and skipped cells", caption,
-                 ["estimator", "data", "L", "m", "status", "ok seeds", "reason"],
-                 [rows[i] for i in order], [status[i] for i in order], "llllll" + "l")
+                 ["status", "cells", "estimators", "data", "L", "m", "ok seeds", "reason"],
+                 [rows[i] for i in order], [status[i] for i in order], "lrllllrl")
+
+
+def _names(grp: pd.DataFrame, col: str, limit: int = 6) -> str:
+    """'posrf-iid, posrf-orf' (or the first few and '+ N more') of a column's distinct values."""
+    if col not in grp:
+        return "–"
+    vals = sorted({str(v) for v in grp[col].dropna()})
+    more = f" + {len(vals) - limit} more" if len(vals) > limit else ""
+    return ", ".join(vals[:limit]) + more if vals else "–"
 
 
 def _severity(status: str) -> int:
@@ -305,10 +354,12 @@ def _values(grp: pd.DataFrame, col: str) -> str:
 # ------------------------------------------------------------------------------ rendering
 def to_markdown(table: Table) -> str:
     def esc(text: str) -> str:
-        return text.replace("|", "\\|")
+        # Labels come from suite files: HTML in them must show as text, not render (or run).
+        text = html.escape(" ".join(str(text).split()), quote=False)
+        return text.replace("|", "\\|").replace("`", "\\`").replace("*", "\\*").replace("_", "\\_")
 
     align = table.align or "l" * len(table.columns)
-    lines = [f"### {table.title}", "", table.caption, "",
+    lines = [f"### {esc(table.title)}", "", esc(table.caption), "",
              "| " + " | ".join(esc(c) for c in table.columns) + " |",
              "|" + "|".join("---:" if a == "r" else ":---" for a in align) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in table.rows]
@@ -364,7 +415,7 @@ def to_html(table: Table) -> str:
 
 def write_tables(run: Run, out_dir: Path, prefer: dict | None = None) -> tuple[list[Table], list[Path]]:
     """Write leaderboard.{md,tex,html} and cells.csv (every cell of the summary) under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    safe_dir(out_dir)
     tables = build_tables(run, prefer)
     header = f"# {run.suite}: leaderboards\n\n"
     files = {
@@ -374,10 +425,8 @@ def write_tables(run: Run, out_dir: Path, prefer: dict | None = None) -> tuple[l
     }
     paths = []
     for name, text in files.items():
-        path = out_dir / name
-        path.write_text(text, encoding="utf-8")
-        paths.append(path)
+        paths.append(write_text(out_dir / name, text))  # atomic; never through a planted link
     cells = out_dir / "cells.csv"
-    run.summary.to_csv(cells, index=False, float_format="%.6g")
+    atomic_write(cells, lambda tmp: run.summary.to_csv(tmp, index=False, float_format="%.6g"))
     paths.append(cells)
     return tables, paths

@@ -23,6 +23,7 @@ Matplotlib and seaborn are imported only when a figure is drawn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from rfbench.report import Run
 from rfbench.report.plots.bias_variance import bias_variance
@@ -49,5 +50,26 @@ FIGURES: list[tuple[str, Callable[[Run, Options], Figure | Skip]]] = [
 
 
 def render_figures(run: Run, opts: Options) -> list[Figure | Skip]:
-    """Every figure the run has data for (saved under ``opts.out_dir``), and a Skip for the rest."""
-    return [make(run, opts) for _, make in FIGURES]
+    """Every figure the run has data for (saved under ``opts.out_dir``), and a Skip for the rest.
+
+    A run with both causal and non-causal cells gets each figure once per causal value (file
+    names end in ``_causal`` / ``_noncausal``, titles say which), so neither is hidden.
+    """
+    s = run.summary
+    values = sorted(s["causal"].dropna().unique()) if "causal" in s and len(s) else []
+    if len(values) < 2:
+        return [make(run, opts) for _, make in FIGURES]
+    out = []
+    for value in values:
+        part = Run(path=run.path, results=run.results[run.results["causal"] == value]
+                   if "causal" in run.results else run.results,
+                   summary=s[s["causal"] == value], meta=run.meta, notes=run.notes)
+        word = "causal" if bool(value) else "non-causal"
+        tagged = replace(opts, tag="_" + word.replace("-", ""))
+        for _, make in FIGURES:
+            fig = make(part, tagged)
+            fig = replace(fig, name=fig.name + tagged.tag, title=f"{fig.title} ({word})")
+            if isinstance(fig, Figure):
+                fig = replace(fig, caption=f"{word.capitalize()} attention only. {fig.caption}")
+            out.append(fig)
+    return out

@@ -75,23 +75,28 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
     fms = pal.feature_maps(rows)
     cells, data_on_cols = _panel_grid(datas, fms)
     nrows, ncols = max(c[0] for c in cells) + 1, max(c[1] for c in cells) + 1
-    # Panels of one data source share their y axis.
-    sharey = True if len(datas) == 1 else ("col" if data_on_cols else "row")
+    # Each panel has its own y range: one feature map's error (trigrf's, say) can sit many
+    # decades above the others', and a shared axis would flatten them.
     fig = new_figure(PANEL_W * ncols + 1.6, PANEL_H * nrows)
-    grid = fig.subplots(nrows, ncols, sharex=True, sharey=sharey, squeeze=False)
-    log_y = spans_decades(rows[value_columns(rows, metric)[0]])
+    grid = fig.subplots(nrows, ncols, sharex=True, sharey=False, squeeze=False)
     overlay_label = None
     floors = {
         d: uniform_floor(run.summary, metric, fixed if d is None else {**fixed, "data": d})
         for d, (_, fixed) in zip(datas, slices)
     }
+    # One scale for the figure (log when its values span a decade), limits per panel.
+    log_y = spans_decades(list(rows[value_columns(rows, metric)[0]])
+                          + [v for v in floors.values() if v is not None])
     for r, c, data, fm in cells:
         ax = grid[r, c]
         panel = rows[(rows["feature_map"] == fm) & ((rows["data"] == data) if data is not None else True)]
+        values = list(panel[value_columns(panel, metric)[0]])
+        if floors.get(data) is not None:
+            values.append(floors[data])
         for wm in pal.weight_matrices(panel):
             xs, mean, lo, hi = series(panel[panel["weight_matrix"] == wm], metric, "num_features")
-            ax.plot(xs, mean, color=pal.colour[wm], marker=pal.marker[fm], label=wm)
-            band(ax, xs, mean, lo, hi, pal.colour[wm], log_y)
+            ax.plot(xs, mean, color=pal.line_colour(fm, wm), marker=pal.marker[fm], label=wm)
+            band(ax, xs, mean, lo, hi, pal.line_colour(fm, wm), log_y)
         if metric == "kernel_rel_mse" and (overlay := iid_overlay(panel, metric)) is not None:
             ax.plot(overlay.x, overlay.y, color="black", ls=":", lw=1.4, zorder=5)
             overlay_label = overlay.label
@@ -102,8 +107,7 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
         sweep_axis(ax, rows["num_features"])
         if log_y:
             ax.set_yscale("log")
-            same = rows if data is None else rows[rows["data"] == data]
-            log_labels(ax, same[value_columns(same, metric)[0]])
+            log_labels(ax, values)
     used = {(r, c) for r, c, _, _ in cells}
     for (r, c), ax in np.ndenumerate(grid):
         if (r, c) not in used:
@@ -115,22 +119,26 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
         if (r, c) in used and c == 0:
             ax.set_ylabel(METRICS[metric].axis_label())
     has_floor = any(v is not None for v in floors.values())
-    handles, labels = pal.legend_handles(rows, ["uniform"] if has_floor else [])
+    # Panel titles name the feature map, so the legend lists colours (and baselines) only.
+    handles, labels = pal.legend_handles(rows, ["uniform"] if has_floor else [], markers=False)
     if overlay_label:
         from matplotlib.lines import Line2D
 
         handles.append(Line2D([], [], color="black", ls=":", lw=1.4))
         labels.append(overlay_label)
-    fig.legend(handles, labels, loc="outside right upper")
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
     files = save(fig, name, opts)
     where = [describe_slice({k: v for k, v in fixed.items() if k != "data"}) for _, fixed in slices]
     if len(set(where)) == 1:
         slice_txt = where[0]
     else:
         slice_txt = "; ".join(f"{d}: {w}" for d, w in zip(datas, where))
-    caption = (f"{METRICS[metric].label} against the number of random vectors m (log-log), mean over "
-               f"{seeds_text(rows)} with 95% t-interval bands"
-               + (f" ({slice_txt})" if slice_txt else "") + ". Lower is better.")
+    y_txt = "log y" if log_y else "linear y"
+    x_txt = "log₂ x" if grid[0, 0].get_xscale() == "log" else "linear x"
+    caption = (f"{METRICS[metric].label} against the number of random vectors m ({x_txt}, {y_txt}; each "
+               f"panel has its own y range), mean over {seeds_text(rows)} with 95% t-interval bands"
+               + (f" ({slice_txt})" if slice_txt else "") + ". One panel per feature map"
+               + (", one colour per weight matrix" if not pal.by_feature_map else "") + ". Lower is better.")
     if overlay_label:
         caption += (" Dotted: " + overlay_label + "; i.i.d. weights give an unbiased mean of m i.i.d. "
                     "terms, so their expected MSE is exactly Var₁/m: a weight matrix below the line "

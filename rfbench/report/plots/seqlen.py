@@ -49,8 +49,8 @@ def seqlen_panel(ax, pal: Palette, lines: pd.DataFrame, base: pd.DataFrame, metr
     for _, grp in lines.groupby("estimator", sort=True):
         fm, wm = grp["feature_map"].iloc[0], grp["weight_matrix"].iloc[0]
         xs, mean, lo, hi = series(grp, metric, "seq_len")
-        ax.plot(xs, mean, color=pal.colour[wm], marker=pal.marker[fm], lw=1.3)
-        band(ax, xs, mean, lo, hi, pal.colour[wm], log_y)
+        ax.plot(xs, mean, color=pal.line_colour(fm, wm), marker=pal.marker[fm], lw=1.3)
+        band(ax, xs, mean, lo, hi, pal.line_colour(fm, wm), log_y)
     for b, grp in base.groupby("estimator", sort=True):
         colour, marker = baseline_style(b)
         xs, mean, lo, hi = series(grp, metric, "seq_len")
@@ -85,21 +85,28 @@ def error_time_vs_seqlen(run: Run, opts: Options, name: str = "error_time_vs_seq
     pal = Palette(run.summary)
     fig = new_figure(4.2 * len(panels) + 1.6, 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    uniform = baselines_for(run.summary, fixed)
+    uniform = uniform[uniform["estimator"] == "uniform"]
+    uniform = ok_rows(uniform, err_metric) if err_metric else uniform.iloc[:0]
     for ax, metric in zip(axes, panels):
-        if metric == err_metric:  # the baselines' error is zero or another metric's: not drawn
-            seqlen_panel(ax, pal, rows, base.iloc[:0], metric, rows["seq_len"])
+        if metric == err_metric:  # exact attention's error is float rounding: only uniform is drawn
+            seqlen_panel(ax, pal, rows, uniform, metric, rows["seq_len"], baseline_bands=False)
         else:
             seqlen_panel(ax, pal, ok_rows(rows, "time_ms"), base, metric, rows["seq_len"])
-    handles, labels = pal.legend_handles(rows, sorted(base["estimator"].unique()))
-    fig.legend(handles, labels, loc="outside right upper")
+    names = sorted(set(base["estimator"]) | set(uniform["estimator"]))
+    handles, labels = pal.legend_handles(rows, names)
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
     files = save(fig, name, opts)
     slice_txt = describe_slice(fixed)
     caption = (f"Left: {METRICS[err_metric].label if err_metric else ''} against L; right: median forward "
-               f"time per call (mean over {seeds_text(rows)}, 95% bands). Colour: weight matrix; marker: "
-               "feature map; dashed: exact-attention baselines"
+               f"time per call (mean over {seeds_text(rows)}, 95% bands; log₂ x, y log where a panel "
+               "spans a decade). "
+               f"{pal.key_text().capitalize()}; dashed: baselines (exact, sdpa: exact attention)"
                + (f"; {slice_txt}" if slice_txt else "") + ". Lower is better in both panels. "
                "Random-feature attention is linear in L, exact attention quadratic: where the dashed "
-               "lines cross the solid ones is the break-even length.")
+               "lines cross the solid ones is the break-even length."
+               + (" Dashed on the error panel: the uniform baseline (every query gets the mean of the "
+                  "values), the error of knowing nothing of q and k." if len(uniform) else ""))
     caption += failed_note(pd.concat([in_slice(est, fixed), baselines_for(run.summary, fixed)]))
     return Figure(name, title, caption, files)
 
@@ -120,12 +127,13 @@ def memory_vs_seqlen(run: Run, opts: Options, name: str = "memory_vs_seqlen") ->
     seqlen_panel(fig.subplots(), pal, rows, base, "peak_mem_bytes", rows["seq_len"],
                  baseline_bands=False, title=False)
     handles, labels = pal.legend_handles(rows, sorted(base["estimator"].unique()))
-    fig.legend(handles, labels, loc="outside right upper")
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
     files = save(fig, name, opts)
     meaning = peak_memory_note(run)
-    caption = ("Peak memory of one forward attention call against L (log-log), mean over "
-               f"{seeds_text(rows)}; {describe_slice(fixed) or 'all cells'}. Dashed: exact baselines "
-               "(their L×L score matrix grows quadratically). Lower is better."
+    scale = "log-log" if fig.axes[0].get_yscale() == "log" else "log₂ x, linear y"
+    caption = (f"Peak memory of one forward attention call against L ({scale}), mean over "
+               f"{seeds_text(rows)}; {describe_slice(fixed) or 'all cells'}. Dashed: baselines (exact "
+               "and sdpa hold an L×L score matrix, which grows quadratically). Lower is better."
                + (f" Measured as {meaning.rstrip('.')}." if meaning else ""))
     caption += failed_note(baselines_for(run.summary, fixed))
     return Figure(name, title, caption, files)

@@ -44,6 +44,7 @@ class Options:
     formats: tuple[str, ...] = ("png", "svg")
     dpi: int = 150
     prefer: dict = field(default_factory=dict)  # e.g. {"num_features": 128, "seq_len": 1024}
+    tag: str = ""  # appended to file names when one figure is drawn per causal value
 
 
 def baseline_style(name: str) -> tuple[str, str]:
@@ -71,7 +72,12 @@ def registry_order() -> tuple[list[str], list[str]]:
 
 
 class Palette:
-    """Colour per weight matrix, marker per feature map, both in registry order."""
+    """Colour per weight matrix, marker per feature map, both in registry order.
+
+    When the frame holds a single weight matrix, colour by feature map instead (the marker
+    still names the feature map), so the lines of different estimators never share a colour.
+    Draw with ``line_colour(fm, wm)``.
+    """
 
     def __init__(self, frame: pd.DataFrame):
         fm_order, wm_order = registry_order()
@@ -83,6 +89,13 @@ class Palette:
         self.marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(fm_all)}
         self.fm_rank = {f: i for i, f in enumerate(fm_all)}
         self.wm_rank = {w: i for i, w in enumerate(wm_all)}
+        self.by_feature_map = len(set(wms)) == 1 and len(set(fms)) > 1
+        present = sorted(set(fms), key=self.fm_rank.get)
+        self.fm_colour = {f: COLOURS[i % len(COLOURS)] for i, f in enumerate(present)}
+
+    def line_colour(self, fm: str, wm: str) -> str:
+        """The colour of estimator fm-wm's line."""
+        return self.fm_colour.get(fm, "#555555") if self.by_feature_map else self.colour[wm]
 
     def feature_maps(self, frame) -> list[str]:
         return sorted({f for f in frame["feature_map"] if f}, key=self.fm_rank.get)
@@ -90,15 +103,24 @@ class Palette:
     def weight_matrices(self, frame) -> list[str]:
         return sorted({w for w in frame["weight_matrix"] if w}, key=self.wm_rank.get)
 
-    def legend_handles(self, frame, baselines=()) -> tuple[list, list]:
+    def legend_handles(self, frame, baselines=(), markers: bool = True) -> tuple[list, list]:
+        """Handles for what the figure shows: colours (weight matrices, or estimators when the
+        colour is by feature map), markers per feature map unless ``markers`` is False (facets
+        titled by feature map), and the baselines' dashed lines."""
         from matplotlib.lines import Line2D
 
         handles, labels = [], []
         wms, fms = self.weight_matrices(frame), self.feature_maps(frame)
-        for w in wms:
+        if self.by_feature_map:
+            for f in fms:
+                colour = self.fm_colour.get(f, "#555555")
+                handles.append(Line2D([], [], color=colour, marker=self.marker[f], lw=2))
+                labels.append(f"{f}-{wms[0]}" if wms else f)
+            markers = False
+        for w in wms if not self.by_feature_map else ():
             handles.append(Line2D([], [], color=self.colour[w], lw=2))
             labels.append(w)
-        if len(fms) > 1:
+        if markers and len(fms) > 1:
             for f in fms:
                 handles.append(Line2D([], [], color="#555555", marker=self.marker[f], lw=0))
                 labels.append(f)
@@ -107,6 +129,14 @@ class Palette:
             handles.append(Line2D([], [], color=colour, marker=marker, ls="--"))
             labels.append(f"{b} (baseline)")
         return handles, labels
+
+    def legend_title(self) -> str:
+        return "estimator" if self.by_feature_map else "colour: weight matrix"
+
+    def key_text(self) -> str:
+        """What colour and marker mean, for a caption."""
+        return ("colour and marker: feature map (one weight matrix)" if self.by_feature_map
+                else "colour: weight matrix; marker: feature map")
 
 
 def styled(make):
@@ -130,11 +160,15 @@ def new_figure(width: float, height: float):
 
 def save(fig, name: str, opts: Options) -> list[str]:
     """Write ``fig`` in every format of ``opts``; the paths relative to the report, PNG first."""
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    from rfbench.report import safe_dir
+    from rfbench.results.atomic import atomic_write
+
+    safe_dir(opts.out_dir)
     files = []
     for fmt in opts.formats:
-        path = opts.out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=opts.dpi, facecolor="white")
+        path = opts.out_dir / f"{name}{opts.tag}.{fmt}"
+        # atomic (a killed report leaves no half-written SVG) and never through a planted link
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=opts.dpi, facecolor="white"))
         files.append(f"{opts.rel_dir}/{path.name}")
     return files
 
@@ -162,20 +196,63 @@ def value_axis(ax, values, which: str = "y") -> None:
 
 
 def log_labels(ax, values, which: str = "y") -> None:
-    """Label a log axis 0.1, 0.2, 0.5, 1 (or 1e-3, 1e-2 over many decades), minor ticks unlabelled."""
+    """Label a log axis 0.7, 0.8, 0.9 (narrow), 0.1, 0.2, 0.5, 1 (two decades) or 10⁻³, 10⁻² (more),
+    judged on the axis limits; minor ticks unlabelled."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
     decades = math.log10(v.max() / v.min()) if len(v) > 1 else 0.0
     axis = ax.yaxis if which == "y" else ax.xaxis
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()  # bands can reach past the values
+    if lo > 0 and hi > lo:
+        decades = max(decades, math.log10(hi / lo))
+    # every 1..9 within half a decade, 1-2-3-5 within one, 1-2-5 within two, powers of ten
+    # beyond (numticks thins them)
+    subs = (tuple(range(1, 10)) if decades < 0.5 else (1.0, 2.0, 3.0, 5.0) if decades < 1
+            else (1.0, 2.0, 5.0) if decades < 2 else (1.0,))
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=7))
+    axis.set_major_formatter(FuncFormatter(_tick))
     axis.set_minor_formatter(NullFormatter())
 
 
+def _tick(x, _pos=None) -> str:
+    """0.5, 20, 1e+06 -> '0.5', '20', '10⁶': short labels on a log axis."""
+    if x <= 0 or not np.isfinite(x):
+        return ""
+    e = math.log10(x)
+    if -3 <= e < 4:
+        return f"{x:g}"
+    mant, exp = f"{x:.0e}".split("e")
+    sup = str(int(exp)).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+    return f"10{sup}" if mant == "1" else f"{mant}·10{sup}"
+
+
+def robust_limits(values, log: bool, factor: float = 30.0) -> tuple[float, float] | None:
+    """y limits that keep the bulk of ``values`` readable: the range of the values near the
+    median (log axis: within 4 decades; linear: within ``factor`` interquartile ranges), padded.
+    None when nothing would be clipped (the caller then keeps matplotlib's limits)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & ((v > 0) if log else True)]
+    if len(v) < 4:
+        return None
+    if log:
+        med = np.median(np.log10(v))
+        keep = v[np.abs(np.log10(v) - med) <= 4.0]
+        if len(keep) == len(v):
+            return None
+        return float(keep.min()) / 1.5, float(keep.max()) * 1.5
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    span = max(q3 - q1, 1e-12 * max(abs(med), 1.0))
+    keep = v[np.abs(v - med) <= factor * span]
+    if len(keep) == len(v):
+        return None
+    pad = 0.05 * (keep.max() - keep.min() or 1.0)
+    return float(keep.min() - pad), float(keep.max() + pad)
+
+
 def band(ax, xs, mean, lo, hi, colour, log: bool) -> None:
-    """95% CI band; on a log axis a lower bound <= 0 is drawn at mean/10 (stated in captions)."""
+    """95% CI band; on a log axis a lower bound <= 0 is drawn at mean/10, on a linear one at 0."""
     if lo is None or hi is None:
         return
     ok = np.isfinite(lo) & np.isfinite(hi)
@@ -185,4 +262,6 @@ def band(ax, xs, mean, lo, hi, colour, log: bool) -> None:
     hi = np.where(ok, hi, mean)
     if log:
         lo = np.where(lo > 0, lo, mean / 10)
+    else:  # errors, times and memory are never negative: a t-interval below 0 is cut there
+        lo = np.maximum(lo, 0.0) if np.all(mean >= 0) else lo
     ax.fill_between(xs, lo, hi, color=colour, alpha=0.18, lw=0)
