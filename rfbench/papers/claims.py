@@ -44,6 +44,7 @@ class Comparison:
     by: tuple[str, ...] = ("num_features",)
     where: dict = field(default_factory=dict)  # filter applied to both sides first
     label: str = ""  # what A / B is, for the table ("posrf-orf / posrf-iid, output MSE")
+    metric_b: str = ""  # B's column when it differs (DARK's own-kernel error against PosRF's softmax one)
 
     def __post_init__(self):
         if self.relation not in ("<", ">"):
@@ -100,7 +101,8 @@ def evaluate(claims, results: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int =
     for c in claims:
         frame = _select(ok, c.where)
         side_a, side_b = _select(frame, c.a), _select(frame, c.b)
-        if c.metric not in frame or side_a.empty or side_b.empty:
+        metric_b = c.metric_b or c.metric
+        if c.metric not in frame or metric_b not in frame or side_a.empty or side_b.empty:
             outcomes.append(Outcome(c.claim, c.source, c.label or c.metric, np.nan, np.nan, np.nan,
                                     "inconclusive", "no rows to compare: the run lacks them"))
             continue
@@ -111,10 +113,9 @@ def evaluate(claims, results: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int =
         for key, ga in groups_a:
             gb = groups_b.get(key)
             va = ga[c.metric].dropna().to_numpy(dtype=float)
-            if gb is None or len(va) < 2:
-                continue
-            vb = gb[c.metric].dropna().to_numpy(dtype=float)
-            if len(vb) < 2:
+            vb = gb[metric_b].dropna().to_numpy(dtype=float) if gb is not None else va[:0]
+            # a baseline is run once: one value on a side is taken as fixed, the other needs a spread
+            if len(va) == 0 or len(vb) == 0 or len(va) + len(vb) < 3:
                 continue
             if c.square:
                 va, vb = va**2, vb**2
@@ -128,7 +129,7 @@ def evaluate(claims, results: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int =
             slices.append((label, ratio, lo, hi, verdict(lo, hi, c.relation)))
         if not slices:
             outcomes.append(Outcome(c.claim, c.source, c.label or c.metric, np.nan, np.nan, np.nan,
-                                    "inconclusive", "fewer than 2 seeds per side in every slice"))
+                                    "inconclusive", "too few seeds in every slice (one side needs two)"))
             continue
         pooled = np.mean(np.vstack(logs), axis=0)  # log of the geometric mean over slices
         value = float(np.exp(np.mean([np.log(s[1]) for s in slices])))
@@ -158,7 +159,7 @@ def markdown(outcomes, title: str = "Claims versus measured") -> str:
              "|---|---|---|---|---|---|"]
     for o in outcomes:
         cells = (o.claim, o.source, o.measured, _interval(o), f"**{o.verdict}**", o.detail)
-        lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
+        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
     for o in outcomes:
         if not o.slices:
             continue
