@@ -36,9 +36,11 @@ CLAIMS = [
                label="held-out output rel. error darkl / posrf"),
     Comparison("learned DARK beats knowing nothing (uniform attention)", "rfbench baseline",
                a={"estimator": "darkl-iid"}, b={"estimator": "uniform"}, metric="out_rel_err", by=_BY,
+               b_by=("data",),
                label="held-out output rel. error darkl / uniform"),
     Comparison("isotropic PosRF beats knowing nothing (uniform attention)", "rfbench baseline",
                a={"estimator": "posrf-iid"}, b={"estimator": "uniform"}, metric="out_rel_err", by=_BY,
+               b_by=("data",),
                label="held-out output rel. error posrf / uniform"),
 ]
 

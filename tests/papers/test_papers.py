@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 import torch
 
 from rfbench import theory
@@ -44,6 +44,15 @@ def test_verdict_of_a_ratio_of_means(mean_a, expected):
     assert o.low <= o.value <= o.high
     assert len(o.slices) == 2
     assert abs(o.value - mean_a) < 0.05
+
+
+def test_one_seed_carrying_the_mean_is_inconclusive():
+    frame = _frame(0.5, 1.0)
+    a = frame.index[frame["estimator"] == "a"]
+    frame.loc[a[0], "v"] = 1e3  # m = 16: one seed outweighs the other 39 together
+    o = claims.evaluate([_claim()], frame)[0]
+    assert [s[4] for s in o.slices] == ["inconclusive", "holds"]
+    assert "carries the mean" in o.detail and o.verdict == "holds"  # pooled over the usable slice
 
 
 def test_relation_above_flips_the_verdict():
