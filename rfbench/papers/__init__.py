@@ -18,6 +18,7 @@ from rfbench.papers import claims as claims
 #: suite name -> module of rfbench.papers holding its claims
 SUITES = {
     "papers-performer": "performer",
+    "papers-performer-100": "performer",
     "papers-simrf": "simrf",
     "papers-spectraformer": "spectraformer",
     "papers-darkformer": "darkformer",
