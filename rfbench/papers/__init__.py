@@ -43,7 +43,8 @@ def outcomes_for(suite: str, results) -> tuple[list, list[str], str] | None:
     return outcomes, notes, getattr(mod, "TITLE", "Claims versus measured")
 
 
-def write_claims(out_dir: str | Path, outcomes, notes=(), title: str = "Claims versus measured") -> str:
+def write_claims(out_dir: str | Path, outcomes, notes=(), title: str = "Claims versus measured",
+                 interval: str = "log scale, delta method, Welch t") -> str:
     """Write ``tables/claims.md`` and ``tables/claims.html`` under ``out_dir``; return the HTML fragment."""
     from rfbench.results.atomic import write_text
 
@@ -52,7 +53,7 @@ def write_claims(out_dir: str | Path, outcomes, notes=(), title: str = "Claims v
     md = claims.markdown(outcomes, title)
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    fragment = claims.html(outcomes, title, notes)
+    fragment = claims.html(outcomes, title, notes, interval)
     write_text(tables / "claims.md", md)
     write_text(tables / "claims.html", fragment + "\n")
     return fragment

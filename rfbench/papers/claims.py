@@ -206,7 +206,8 @@ def markdown(outcomes, title: str = "Claims versus measured") -> str:
     return "\n".join(lines) + "\n"
 
 
-def html(outcomes, title: str = "Claims versus measured", notes=()) -> str:
+def html(outcomes, title: str = "Claims versus measured", notes=(),
+         interval: str = "log scale, delta method, Welch t") -> str:
     """The claim table as an HTML fragment (a section for report.html), per-slice tables folded."""
     e = _html.escape
     colour = {"holds": "#e6f4ea", "fails": "#fdecea", "inconclusive": "#fff8e6"}
@@ -218,7 +219,7 @@ def html(outcomes, title: str = "Claims versus measured", notes=()) -> str:
         for o in outcomes)
     parts = ['<section id="claims">', f"<h2>{e(title)}</h2>",
              "<p>Each claim as the paper makes it, what this run measured (a ratio of means unless "
-             "said otherwise) with its 95% interval (log scale, delta method, Welch t), and the verdict: "
+             f"said otherwise) with its 95% interval ({e(interval)}), and the verdict: "
              "<em>holds</em> when the "
              "whole interval is on the claimed side of the boundary, <em>fails</em> when it is on the "
              "other side, <em>inconclusive</em> when it straddles it.</p>",

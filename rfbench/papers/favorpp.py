@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                "per-omega estimates from est.features), CPU. ln(Var_pos/Var_oprf) at N(0,1) attention "
                "inputs (|x+y|^2 ~ "
                "2 sqrt(d)): " + ", ".join(f"d={d}: {v:.2f}" for d, v in typical.items()) + ".")
-    fragment = write_claims(out, outcomes, [setting], TITLE)
+    fragment = write_claims(out, outcomes, [setting], TITLE, interval=pw.INTERVAL)
     tab = table(cf_grid, s_grid)
     mtab = mc_table(mc, cf_mc)
     write_text(out / "tables" / "closed_form.md", tab)

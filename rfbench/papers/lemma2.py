@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                f"{args.draws:,} omegas per estimator and point (rfbench's trigrf-iid and posrf-iid, "
                "float64, independent seeds; per-omega estimates from est.features; the MSE ratio at m "
                "iid features equals the one-sample variance ratio), CPU.")
-    fragment = write_claims(out, outcomes, [setting], TITLE)
+    fragment = write_claims(out, outcomes, [setting], TITLE, interval=pw.INTERVAL)
     tab = table(g)
     from rfbench.results.atomic import write_text
 

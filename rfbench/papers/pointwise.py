@@ -20,6 +20,7 @@ import torch
 from rfbench.errors import EstimatorError
 
 Z95 = 1.959964
+INTERVAL = "log scale, delta method, normal: CLT standard errors of the Monte Carlo means"
 
 
 def mc_mse(name: str, x: torch.Tensor, y: torch.Tensor, num_features: int, seeds: int,
