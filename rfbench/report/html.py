@@ -260,8 +260,12 @@ def _page(run: Run, out_dir: Path, figures, table_html: list[str], table_files, 
         f'<p class="sub">{e(_subtitle(run))}</p>', "</header>",
         '<nav><a href="#run">Run</a><a href="#guide">Reading guide</a><a href="#figures">Figures</a>'
         '<a href="#tables">Tables</a></nav>',
-        '<section id="run">', "<h2>Run</h2>", f'<table class="meta">\n{meta_rows}\n</table>',
     ]
+    from rfbench.papers import claims_section  # a papers-* suite's claim table leads the page
+
+    claims = claims_section(run, out_dir)
+    parts += [claims] if claims else []
+    parts += ['<section id="run">', "<h2>Run</h2>", f'<table class="meta">\n{meta_rows}\n</table>']
     if run.notes:
         parts.append('<div class="notes">' + "<br>".join(e(n) for n in run.notes) + "</div>")
     if isinstance(toml, str) and toml.strip():
