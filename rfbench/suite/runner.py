@@ -397,7 +397,7 @@ def _submit(suite: Suite, spec: ExecutorSpec, args: argparse.Namespace) -> int:
     sources = prepare_sources(suite)
     _check_fit(suite, sources)
     cells = plan(suite, sources, devices)
-    folder.check_out(out, suite, cells, args.resume)  # refuse a wrong folder before submitting
+    folder.open_folder(out, suite, cells, cells, args.resume)  # refuse a wrong folder before submitting
     finished = set(store.finished_cells(out, folder.KEPT_ON_RESUME)) if args.resume else set()
     if not args.quiet:
         print(f"rfbench run: {spec.name}: {executors.tasks_note(spec, len(cells))}", file=sys.stderr)
