@@ -125,6 +125,11 @@ def parse_suite(text: str, *, source: str = "<suite>", path: Path | None = None)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise SpecError(
+            f"{source}: not valid TOML for a suite: arrays or tables nested too deeply; a suite "
+            "needs at most a few levels"
+        ) from None
     return suite_from_dict(raw, source=source, path=path, text=text)
 
 
