@@ -16,19 +16,17 @@ from rfbench import registry
 from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.suite import baselines as B
 from rfbench.suite.spec_types import (
+    DEVICES,
+    DTYPES,
     FIT_BOUNDS,
-    MAX_DIM,
+    GPU_TIMERS,
     MAX_ELEMENTS,
     MAX_SEED,
     MAX_SEED_RUNS,
-    SYNTHETIC_BOUNDS,
-    Bound,
-    bound_of,
-    DEVICES,
-    DTYPES,
-    GPU_TIMERS,
     PER_DEVICE,
     SOURCES,
+    SYNTHETIC_BOUNDS,
+    Bound,
     DataSpec,
     EstimatorSpec,
     MetricSpec,
@@ -36,6 +34,7 @@ from rfbench.suite.spec_types import (
     Suite,
     SweepSpec,
     TimingSpec,
+    bound_of,
 )
 
 BASELINES = B.names()
@@ -116,6 +115,9 @@ class _Reader:
             self.error(path, f"expected {bound.text()}, got {_show(value)}")
             return default if default is not _MISSING else None
         return value if bound.integer else float(value)
+
+    def _bounded_item(self, bound: Bound):
+        return lambda v, q: self.bounded(v, q, bound, default=None)
 
     def number(self, value, path: str, *, default=_MISSING, positive: bool = True):
         return self.bounded(value, path, Bound(0.0 if positive else -math.inf, math.inf, False, positive),
@@ -506,7 +508,7 @@ class _Reader:
                 axis: self.per_device(
                     t.get(axis, _MISSING),
                     f"sweep.{axis}",
-                    lambda v, q, b=bound_of(SweepSpec, axis): self.bounded(v, q, b, default=None),
+                    self._bounded_item(bound_of(SweepSpec, axis)),
                 )
                 for axis in ("seq_len", "num_features")
             },
