@@ -74,6 +74,11 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     [fit.estimators."darkl-iid"]           # per-estimator overrides of FitConfig keys
     objective = "variance"
 
+Every number has a declared range, checked before anything is allocated: a ``Bound`` on each
+field of ``spec_types`` (``bound_of(DataSpec, "dim")``), ``SYNTHETIC_BOUNDS`` for the synthetic
+kinds' parameters and ``FIT_BOUNDS`` for ``[fit]``; products of sizes are bounded too
+(``MAX_ELEMENTS`` per tensor, ``MAX_DRAW`` per estimator draw, ``MAX_SEED_RUNS`` per suite).
+
 Scalars are accepted where a list is expected (``causal = true``). Cell keys and seeds are
 derived in plan.py from these objects, never from the order of the file.
 """

@@ -7,26 +7,23 @@ name); ``spec.suite_from_dict`` raises one SpecError with the first few.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
-import math
 from pathlib import Path
 
 from rfbench import registry
 from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.suite import baselines as B
+from rfbench.suite.spec_checks import _MISSING, INDEX_BOUND, _Checks, _close, _key, _show
 from rfbench.suite.spec_types import (
     DEVICES,
     DTYPES,
     FIT_BOUNDS,
     GPU_TIMERS,
+    MAX_DRAW,
     MAX_ELEMENTS,
-    MAX_SEED,
     MAX_SEED_RUNS,
-    PER_DEVICE,
     SOURCES,
     SYNTHETIC_BOUNDS,
-    Bound,
     DataSpec,
     EstimatorSpec,
     MetricSpec,
@@ -38,28 +35,6 @@ from rfbench.suite.spec_types import (
 )
 
 BASELINES = B.names()
-
-_MISSING = object()
-INDEX_BOUND = Bound(0, 65535)  # a model's layer or head index
-
-
-def _show(value) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    text = ascii(value)  # escapes newlines, ANSI escapes and any non-ASCII character
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _key(key) -> str:
-    """A TOML key as it may be shown: plain keys as they are, any other quoted and escaped."""
-    key = str(key)
-    plain = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
-    return key if plain else _show(key)
-
-
-def _close(name: str, known) -> str:
-    match = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _probe(kind: str, dim: int, dim_v: int | None, params: dict, defaults: dict) -> dict:
@@ -78,120 +53,8 @@ def _probe(kind: str, dim: int, dim_v: int | None, params: dict, defaults: dict)
     return out
 
 
-class _Reader:
+class _Reader(_Checks):
     """Walks the TOML document; every problem is recorded as "<file>: <key path>: <what>"."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    # ------------------------------------------------------------- generic checks
-    def table(self, value, path: str, allowed: tuple[str, ...]) -> dict:
-        if value is _MISSING:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"expected a table, got {_show(value)}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.error(
-                    f"{path}.{_key(key)}" if path else _key(key),
-                    f"unknown key{_close(key, allowed)}; allowed: {', '.join(allowed)}",
-                )
-        return value
-
-    def integer(self, value, path: str, *, low: int = 1, default=_MISSING, bound: Bound | None = None):
-        """An int in ``bound`` (default: ``low`` and up to 2**63 - 1, so no size overflows)."""
-        return self.bounded(value, path, bound or Bound(low, MAX_SEED), default=default)
-
-    def bounded(self, value, path: str, bound: Bound, *, default=_MISSING):
-        """``value`` if ``bound`` holds it (an int, or a finite number: a float then); else recorded."""
-        if value is _MISSING:
-            return default
-        if not bound.holds(value):
-            self.error(path, f"expected {bound.text()}, got {_show(value)}")
-            return default if default is not _MISSING else None
-        return value if bound.integer else float(value)
-
-    def _bounded_item(self, bound: Bound):
-        return lambda v, q: self.bounded(v, q, bound, default=None)
-
-    def number(self, value, path: str, *, default=_MISSING, positive: bool = True):
-        return self.bounded(value, path, Bound(0.0 if positive else -math.inf, math.inf, False, positive),
-                            default=default)
-
-    def fields(self, cls, value, section: str, choices: dict[str, tuple[str, ...]] | None = None):
-        """An instance of dataclass ``cls`` from table ``value``: each field read by its declared
-        Bound, as a boolean, or as one of ``choices[name]``; absent keys take the defaults."""
-        t = self.table(value, section, tuple(f.name for f in dataclasses.fields(cls)))
-        out = {}
-        for f in dataclasses.fields(cls):
-            raw, path = t.get(f.name, _MISSING), f"{section}.{f.name}"
-            if "bound" in f.metadata:
-                out[f.name] = self.bounded(raw, path, f.metadata["bound"], default=f.default)
-            elif choices and f.name in choices:
-                out[f.name] = self.string(raw, path, choices=choices[f.name], default=f.default)
-            else:
-                out[f.name] = self.boolean(raw, path, default=f.default)
-        return cls(**out)
-
-    def boolean(self, value, path: str, *, default=_MISSING):
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.error(path, f"expected true or false, got {_show(value)}")
-            return default
-        return value
-
-    def string(self, value, path: str, *, choices: tuple[str, ...] | None = None, default=_MISSING):
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str) or (choices is None and not value.strip()):
-            self.error(
-                path, f"expected a {'non-empty ' if choices is None else ''}string, got {_show(value)}"
-            )
-            return default
-        if choices is not None and value not in choices:
-            self.error(
-                path, f"{value!r} is not allowed{_close(value, choices)}; allowed: {', '.join(choices)}"
-            )
-            return default
-        return value
-
-    def items(self, value, path: str, check, *, default=_MISSING, nonempty: bool = True) -> tuple:
-        """A list (a scalar counts as a one-element list) whose items pass ``check(item, path)``."""
-        if value is _MISSING:
-            return default
-        values = value if isinstance(value, list) else [value]
-        if nonempty and not values:
-            self.error(path, "expected a non-empty list")
-            return default if default is not _MISSING else ()
-        out = []
-        for i, item in enumerate(values):
-            v = check(item, f"{path}[{i}]")
-            if v is not None:
-                out.append(v)
-        return tuple(dict.fromkeys(out))  # repeated values would repeat cells
-
-    def per_device(self, value, path: str, check, *, default=_MISSING) -> dict[str, tuple]:
-        """A list of items passing ``check``, or a table of such lists keyed by device."""
-        if value is _MISSING:
-            if default is _MISSING:
-                self.error(
-                    path, "required (a list, or a table of lists per device: { cpu = [...], cuda = [...] })"
-                )
-                return {"*": ()}
-            return {"*": default}
-        if isinstance(value, dict):
-            self.table(value, path, PER_DEVICE)
-            out = {dev: self.items(value[dev], f"{path}.{dev}", check) for dev in PER_DEVICE if dev in value}
-            if not out:
-                self.error(path, f"the per-device table is empty; give {' and/or '.join(PER_DEVICE)} lists")
-            return out
-        return {"*": self.items(value, path, check)}
 
     # ------------------------------------------------------------- sections
     def suite(self, raw: dict, path: Path | None) -> Suite:
@@ -555,6 +418,12 @@ class _Reader:
                     f"data[{spec.index}]",
                     f"batch x heads x seq_len x max(dim, dim_v, 2 m) = {elements:.3g} elements (with "
                     f"seq_len {L}, num_features {m}) exceeds {MAX_ELEMENTS:.3g}; lower one of them",
+                )
+            elif estimators and m * spec.dim > MAX_DRAW:
+                self.error(
+                    f"data[{spec.index}].dim",
+                    f"num_features x dim = {m} x {spec.dim} exceeds {MAX_DRAW:.3g} elements per "
+                    "estimator draw; lower sweep.num_features or dim",
                 )
         axes = 1
         for axis in ("dtype", "causal", "seq_len", "num_features"):  # an upper bound over devices

@@ -61,6 +61,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; deriv
 MAX_SEEDS = 10_000  # seeds.count
 MAX_ELEMENTS = 2**34  # elements of one [B, H, L, d|dv] tensor, or of an m x d draw
 MAX_SEED_RUNS = 10_000_000  # estimator cells x seeds.count (the plan holds one seed per run)
+MAX_DRAW = 2**28  # elements of an estimator's m x d draw (1 GiB in float32)
 
 
 def bounded(default, low, high, *, integer: bool = True, open_low: bool = False, **kw):

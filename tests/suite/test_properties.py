@@ -102,7 +102,9 @@ scalar = st.one_of(
 )
 nested = st.recursive(
     scalar,
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 # numbers first and most often: the sizes are where a suite can ask for too much
@@ -247,8 +249,8 @@ def test_safetensors_metadata_and_dtypes(tmp_path_factory, key, text, dtype):
 def test_npz_byte_order_dtypes_and_fields(tmp_path_factory, order, fdtype, layers, scale, drop):
     cap = _capture()
     arrays = {n: getattr(cap, n).numpy().astype(order + fdtype) for n in "qkv"}
-    arrays.update(layers=np.asarray(layers, dtype=">i8"), heads=np.asarray([0, 1, 2]), scale=np.asarray(scale),
-                  meta=np.asarray('{"a": "b"}'))
+    arrays.update(layers=np.asarray(layers, dtype=">i8"), heads=np.asarray([0, 1, 2]),
+                  scale=np.asarray(scale), meta=np.asarray('{"a": "b"}'))
     arrays.pop(drop, None)
     path = tmp_path_factory.mktemp("c") / "x.npz"
     with warnings.catch_warnings():
