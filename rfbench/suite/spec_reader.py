@@ -448,7 +448,9 @@ class _Reader(_Checks):
         for where, table in tables:
             for key, bound in FIT_BOUNDS.items():
                 v = table.get(key)
-                if isinstance(v, int) and not isinstance(v, bool) and not bound.holds(v):
+                # above the bound (or beyond an int64): FitConfig words the lower bounds itself
+                too_big = isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v <= bound.high
+                if too_big:
                     self.error(f"{where}.{key}", f"expected {bound.text()}, got {v!r}")
         if len(self.errors) > errors_before:
             return None

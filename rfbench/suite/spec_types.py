@@ -88,8 +88,8 @@ SYNTHETIC_BOUNDS: dict[str, Bound] = {
     "df": Bound(2.0, 1e9, integer=False, open_low=True),
 }
 
-#: Bounds of the integer keys of ``[fit]`` (``rfbench.learning.FitConfig`` checks their lower
-#: bounds, types and the rest).
+#: Bounds of the integer keys of ``[fit]``: the reader checks the upper ones,
+#: ``rfbench.learning.FitConfig`` the lower ones, the types and the rest.
 FIT_BOUNDS: dict[str, Bound] = {
     "steps": Bound(1, 10_000_000),
     "batch_tokens": Bound(2, MAX_SEQ_LEN),
@@ -97,7 +97,7 @@ FIT_BOUNDS: dict[str, Bound] = {
     "eval_every": Bound(1, 10_000_000),
     "patience": Bound(0, 1_000_000),
     "val_draws": Bound(1, 10_000),
-    "seed": Bound(0, MAX_SEED),
+    "seed": Bound(-(2**63), MAX_SEED),
 }
 
 

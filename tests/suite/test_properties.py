@@ -15,6 +15,7 @@ import io as _io
 import json
 import math
 import os
+import signal
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -49,10 +50,18 @@ def _write_stats():
 atexit.register(_write_stats)
 
 
+def _alarm(signum, frame):
+    raise TimeoutError("one input ran past 20 s")
+
+
 def _probe(name: str, fn) -> None:
     """Run ``fn``; an exception other than an RFBenchError is a crash (recorded, and a failure
-    unless only statistics are collected)."""
+    unless only statistics are collected: then an input running past 20 s counts as one, and the
+    figures are rewritten after each input, so a run killed midway still leaves them)."""
     STATS[name]["tried"] += 1
+    if STATS_FILE:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(20)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -67,6 +76,10 @@ def _probe(name: str, fn) -> None:
         STATS[name]["crashes"].add(f"{type(exc).__name__} at {where}")
         if not STATS_FILE:
             raise
+    finally:
+        if STATS_FILE:
+            signal.alarm(0)
+            _write_stats()
 
 
 # --------------------------------------------------------------------------- suite files
