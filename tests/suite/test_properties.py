@@ -37,13 +37,13 @@ from rfbench.suite.sources import prepare_sources  # noqa: E402
 from rfbench.suite.spec import parse_suite, suite_from_dict  # noqa: E402
 
 STATS_FILE = os.environ.get("RFBENCH_PROPERTY_STATS")
-STATS: dict[str, dict] = defaultdict(lambda: {"tried": 0, "crashes": set()})
+STATS: dict[str, dict] = defaultdict(lambda: {"tried": 0, "crashed": 0, "crashes": set()})
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def _write_stats():
     if STATS_FILE:
-        out = {k: {"tried": v["tried"], "crashes": sorted(v["crashes"])} for k, v in STATS.items()}
+        out = {k: {**v, "crashes": sorted(v["crashes"])} for k, v in STATS.items()}
         Path(STATS_FILE).write_text(json.dumps(out, indent=1))
 
 
@@ -73,6 +73,7 @@ def _probe(name: str, fn) -> None:
         while tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_frame.f_code.co_name}"
+        STATS[name]["crashed"] += 1
         STATS[name]["crashes"].add(f"{type(exc).__name__} at {where}")
         if not STATS_FILE:
             raise
@@ -189,7 +190,7 @@ threads = 1
         st.tuples(st.integers(0, len(BASE_TOML)), st.integers(0, 8), st.text(max_size=6)), min_size=1,
         max_size=4,
     ),
-    nest=st.sampled_from([0, 0, 0, 50, 5000]),
+    nest=st.sampled_from([0, 0, 0, 50, 5000, 100_000]),
 )
 def test_cli_dry_run_on_mutated_text_prints_no_traceback(tmp_path_factory, edits, nest):
     text = BASE_TOML
