@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rfbench.errors import DataError, EstimatorError
@@ -10,8 +12,55 @@ from rfbench.errors import DataError, EstimatorError
 def check_positive_int(value, what: str, *, hint: str = "", error: type = EstimatorError) -> int:
     """``value`` if it is a positive int (not a bool); ``error`` naming ``what`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise error(f"{what} must be a positive integer{hint}, got {value!r}")
+        raise error(f"{what} must be a positive integer{hint}, got {_clip(value)}")
     return value
+
+
+#: The largest m x d draw an estimator makes (elements): beyond it the allocation itself fails.
+MAX_DRAW_ELEMENTS = 2**34
+#: What ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+#: Logit scales an estimator accepts: q . k * scale beyond 1e6 overflows exp for any real input.
+MAX_SCALE = 1e6
+
+
+def check_seed(value, what: str = "seed", *, error: type = EstimatorError) -> int:
+    """``value`` if it is an int ``torch.Generator.manual_seed`` takes; ``error`` otherwise."""
+    lo, hi = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise error(f"{what} must be an integer in [-2**63, 2**64 - 1], got {_clip(value)}")
+    return value
+
+
+def check_scale(value, what: str = "scale", *, error: type = EstimatorError) -> float:
+    """``value`` as a float if it is a finite logit scale in (0, MAX_SCALE]; ``error`` otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value) and 0 < value <= MAX_SCALE
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise error(
+            f"{what} must be a finite number in (0, {MAX_SCALE:g}] (the logit scale, e.g. 1/sqrt(d)), "
+            f"got {_clip(value)}"
+        )
+    return float(value)
+
+
+def check_sizes(dim, num_features) -> None:
+    """dim and num_features positive ints whose m x d draw can be allocated."""
+    check_positive_int(dim, "dim")
+    check_positive_int(num_features, "num_features")
+    if dim * num_features > MAX_DRAW_ELEMENTS:
+        raise EstimatorError(
+            f"num_features x dim = {num_features} x {dim} exceeds {MAX_DRAW_ELEMENTS:.3g} elements; "
+            "lower num_features"
+        )
+
+
+def _clip(value) -> str:
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_tensor(

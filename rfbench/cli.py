@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+from rfbench._version import __version__
 from rfbench.errors import RFBenchError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,12 +75,19 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def printable(text: str) -> str:
+    """``text`` on one line with control characters (newlines, ANSI escapes) shown escaped, so an
+    error quoting a user's key or file name cannot rewrite the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def main_entry(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _parser(command if command in COMMANDS else None)
+    parser.add_argument("--version", action="version", version=f"rfbench {__version__}")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -88,15 +97,32 @@ def main_entry(argv: list[str] | None = None) -> int:
     except RFBenchError as exc:
         if debug:
             raise
-        print(f"rfbench {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rfbench {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rfbench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rfbench list | head`: the reader left; nothing more to say
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush to a closed pipe stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def run() -> None:
-    sys.exit(main_entry())
+    code = main_entry()
+    try:  # what is still buffered goes now, while a closed pipe can be caught
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

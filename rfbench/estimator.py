@@ -31,7 +31,7 @@ import math
 import torch
 
 from rfbench import ops
-from rfbench._checks import check_positive_int, check_qkv, check_tensor
+from rfbench._checks import check_positive_int, check_qkv, check_scale, check_seed, check_sizes, check_tensor
 from rfbench.errors import EstimatorError, UnsupportedError
 from rfbench.features.base import FeatureMap, Params
 from rfbench.features.target import TargetKernel, Trained
@@ -67,8 +67,8 @@ class Estimator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        check_positive_int(dim, "dim")
-        check_positive_int(num_features, "num_features")
+        check_sizes(dim, num_features)
+        check_seed(seed)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise EstimatorError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         reasons = feature_map.supports(weight_matrix) + weight_matrix.supports(num_features, dim)
@@ -147,7 +147,7 @@ class Estimator:
 
     def redraw(self, seed: int) -> Estimator:
         """Draw new random vectors from ``seed`` (fitted parameters are kept)."""
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.draw_ = self._draw(self.seed)
         return self
 
@@ -174,6 +174,7 @@ class Estimator:
         ``rfbench.learning.fit_estimator``; its FitResult (training curve, fit time, kept step) is
         then ``self.fit_result_``. Keep held-out tokens out of what you pass here.
         """
+        scale = check_scale(scale)
         if train is not None and train is not False:
             from rfbench.learning import FitConfig, fit_estimator
 
@@ -342,7 +343,7 @@ class Estimator:
             raise EstimatorError(
                 f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
             )
-        scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
+        scale = 1.0 / math.sqrt(self.dim) if scale is None else check_scale(scale)
         s = math.sqrt(scale)
         out_dtype = v.dtype
         params = self._fitted(scale)

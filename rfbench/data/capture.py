@@ -42,7 +42,7 @@ import torch
 
 from rfbench.data import gguf
 from rfbench.data import texts as texts_mod
-from rfbench.data.io import Capture, save_capture
+from rfbench.data.io import Capture, check_output_path, save_capture
 from rfbench.data.texts import read_texts, text_arguments
 from rfbench.errors import DataError
 
@@ -490,6 +490,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_output_path(args.out)  # before the model loads: a bad --out costs nothing
     cap = capture(
         args.model,
         text_arguments(args.text),

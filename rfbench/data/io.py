@@ -50,6 +50,8 @@ OPTIONAL_KEYS = ("layers", "heads", "scale", "meta", "token_ids", "text")
 #: Optional tensors of a safetensors capture besides q, k, v.
 OPTIONAL_TENSORS = ("token_ids",)
 SUFFIXES = (".safetensors", ".npz", ".pt")
+#: Tensor dtypes a capture may hold (float8 and others have no finiteness check or matmul on CPU).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BUNDLED_NAME = "minilm-l6.safetensors"
 
 
@@ -150,6 +152,20 @@ def format_ranges(values, sep: str = ", ") -> str:
     return sep.join(parts) or "none"
 
 
+def _index_list(source, what: str, value) -> list[int]:
+    """``value`` as a list of model indices (ints in [0, 2**31)); DataError naming ``what`` otherwise."""
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in value
+    )
+    if not ok:
+        shown = ascii(value)
+        raise DataError(
+            f"{source}: {what} must be a list of non-negative integers (the model's indices), got "
+            f"{shown if len(shown) <= 80 else shown[:77] + '...'}; rewrite the file with save_capture"
+        )
+    return list(value)
+
+
 # --------------------------------------------------------------------------- validation
 def validate(capture: Capture, source: str = "capture") -> Capture:
     """Check dtypes, finiteness and shapes; raise DataError naming ``source`` and the problem."""
@@ -157,8 +173,16 @@ def validate(capture: Capture, source: str = "capture") -> Capture:
         x = getattr(capture, name)
         if not isinstance(x, torch.Tensor):
             raise DataError(f"{source}: {name} must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise DataError(f"{source}: {name} has dtype {x.dtype}; a capture holds floating-point values")
+        if x.dtype not in DTYPES:
+            raise DataError(
+                f"{source}: {name} has dtype {x.dtype}; a capture holds "
+                f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)} values (cast it)"
+            )
+        if x.layout != torch.strided or x.device.type == "meta":
+            raise DataError(
+                f"{source}: {name} is a {x.layout} tensor on device {x.device.type}; a capture holds "
+                "dense tensors with their values (use .to_dense() / save real data)"
+            )
         if x.ndim != 4:
             raise DataError(
                 f"{source}: {name} must have shape [n_layers, n_heads, L, d], got {tuple(x.shape)}"
@@ -179,13 +203,14 @@ def validate(capture: Capture, source: str = "capture") -> Capture:
             f"got v {tuple(v.shape)} and q {tuple(q.shape)}"
         )
     for what, idx, size in (("layers", capture.layers, q.shape[0]), ("heads", capture.heads, q.shape[1])):
-        if len(idx) != size or len(set(idx)) != len(idx) or any(int(i) < 0 for i in idx):
+        idx = _index_list(source, what, idx)
+        if len(idx) != size or len(set(idx)) != len(idx) or any(i < 0 for i in idx):
             raise DataError(
                 f"{source}: {what} must list {size} distinct non-negative indices "
                 f"(one per entry of that axis), got {list(idx)}"
             )
     scale = capture.scale
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale) < 1e300
     if not (number and math.isfinite(scale) and scale > 0):
         raise DataError(f"{source}: scale must be a finite positive float, got {capture.scale!r}")
     for key, value in capture.meta.items():
@@ -194,7 +219,8 @@ def validate(capture: Capture, source: str = "capture") -> Capture:
     ids = capture.token_ids
     if ids is not None:
         integer = isinstance(ids, torch.Tensor) and not (
-            ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+            ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool
+        ) and ids.layout == torch.strided and ids.device.type != "meta"
         if not integer:
             raise DataError(
                 f"{source}: token_ids must be an integer tensor, got {getattr(ids, 'dtype', ids)!r}")
@@ -214,11 +240,9 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
     """Write ``capture`` to ``path`` (.safetensors, .npz or .pt), atomically; return the path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = check_output_path(path)
     validate(capture, "capture to save")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
     clash = sorted(set(capture.meta) & set(RESERVED_META))
     if clash:
         raise DataError(f"meta keys {clash} are reserved ({', '.join(RESERVED_META)}); rename them")
@@ -258,7 +282,27 @@ def save_capture(path: str | os.PathLike, capture: Capture) -> Path:
             )
 
     # Written beside the target, then renamed: a killed save never leaves a half-written capture.
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the capture ({_short(exc)}); choose another --out") from None
+    return path
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if a capture can be written there (a known suffix, not a folder, no file
+    in the way of its folder); DataError saying what to change otherwise. Cheap: run it before
+    any work whose result would go there."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a file name such as {path / 'capture.safetensors'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{path}: {parent} is a file, not a folder; choose another --out")
+            break
     return path
 
 
@@ -305,14 +349,16 @@ def _read_safetensors(path: Path) -> dict:
     for key in ("layers", "heads"):
         if key in header:
             try:
-                raw[key] = json.loads(header[key])
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: metadata {key!r} is not a JSON list: {header[key]!r}") from None
+                raw[key] = _index_list(path, f"metadata {key!r}", json.loads(header[key]))
+            except (json.JSONDecodeError, RecursionError):
+                raise DataError(
+                    f"{path}: metadata {key!r} is not a JSON list of integers: {_clip(header[key])}"
+                ) from None
     if "scale" in header:
         try:
             raw["scale"] = float(header["scale"])
         except ValueError:
-            raise DataError(f"{path}: metadata 'scale' is not a number: {header['scale']!r}") from None
+            raise DataError(f"{path}: metadata 'scale' is not a number: {_clip(header['scale'])}") from None
     if "text" in header:
         raw["text"] = header["text"]
     raw["meta"] = {k: v for k, v in header.items() if k not in RESERVED_META}
@@ -338,9 +384,12 @@ def _read_npz(path: Path) -> dict:
     raw: dict = {}
     for name, a in arrays.items():
         if name in TENSOR_KEYS:
-            if a.dtype.kind not in "f":
-                raise DataError(f"{path}: {name} has dtype {a.dtype}; a capture holds floating-point values")
-            raw[name] = torch.from_numpy(np.ascontiguousarray(a))
+            if a.dtype.kind not in "f" or a.dtype.itemsize not in (2, 4, 8):
+                raise DataError(
+                    f"{path}: {name} has dtype {a.dtype}; a capture holds float16, float32 or float64 values"
+                )
+            # native byte order: torch reads no big-endian arrays (the values are unchanged)
+            raw[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
         elif name in ("layers", "heads"):
             if a.ndim != 1 or a.dtype.kind not in "iu":
                 raise DataError(f"{path}: {name} must be a 1-d integer array, got {a.dtype} {a.shape}")
@@ -354,8 +403,8 @@ def _read_npz(path: Path) -> dict:
                 raise DataError(f"{path}: text must be one string, got {a.dtype} {a.shape}")
             raw[name] = str(a.reshape(()))
         elif name == "scale":
-            if a.size != 1 or a.dtype.kind != "f":
-                raise DataError(f"{path}: scale must be one float, got {a.dtype} {a.shape}")
+            if a.size != 1 or a.dtype.kind != "f" or a.dtype.itemsize > 8:
+                raise DataError(f"{path}: scale must be one float32 or float64, got {a.dtype} {a.shape}")
             raw[name] = float(a.reshape(()))
         else:  # meta
             if a.dtype.kind != "U" or a.size != 1:
@@ -381,6 +430,11 @@ def _read_pt(path: Path) -> dict:
         raise DataError(f"{path}: not a readable .pt file ({text})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: must hold a dict with keys q, k, v; got {type(obj).__name__}")
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise DataError(
+            f"{path}: keys must be strings (q, k, v, ...), got {_clip(odd)}; save a dict keyed by name"
+        )
     _check_keys(path, list(obj), allowed=TENSOR_KEYS + OPTIONAL_KEYS)
     raw: dict = {}
     for name, value in obj.items():
@@ -394,13 +448,13 @@ def _read_pt(path: Path) -> dict:
             if not isinstance(value, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in value
             ):
-                raise DataError(f"{path}: {name} must be a list of ints, got {value!r}")
+                raise DataError(f"{path}: {name} must be a list of ints, got {_clip(value)}")
             raw[name] = [int(i) for i in value]
         elif name == "scale":
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DataError(f"{path}: scale must be a float, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) >= 1e300:
+                raise DataError(f"{path}: scale must be a finite positive float, got {_clip(value)}")
             raw[name] = float(value)
         elif name == "token_ids":
             if not isinstance(value, torch.Tensor):
@@ -435,10 +489,16 @@ def _check_keys(path: Path, names, allowed: tuple[str, ...]) -> None:
         )
 
 
+def _clip(value) -> str:
+    """``value`` for a message: escaped (no control characters) and at most 80 characters."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _json_meta(path: Path, text: str) -> dict[str, str]:
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise DataError(f"{path}: meta is not valid JSON") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: meta must be a JSON object of strings")
@@ -456,8 +516,8 @@ def _assemble(raw: dict, path: Path) -> Capture:
     q = tensors["q"]
     meta = {str(k): v for k, v in raw.get("meta", {}).items()}
     if q.ndim == 4:
-        layers = raw.get("layers", list(range(q.shape[0])))
-        heads = raw.get("heads", list(range(q.shape[1])))
+        layers = _index_list(path, "layers", raw.get("layers", list(range(q.shape[0]))))
+        heads = _index_list(path, "heads", raw.get("heads", list(range(q.shape[1]))))
     else:
         layers, heads = [], []  # validate() reports the shape
     if "scale" in raw:

@@ -77,6 +77,11 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     [executor]                             # where the cells run: inline | local | slurm, and
     name = "slurm"                         #   the array tasks' settings (executor_spec.py)
 
+Every number has a declared range, checked before anything is allocated: a ``Bound`` on each
+field of ``spec_types`` (``bound_of(DataSpec, "dim")``), ``SYNTHETIC_BOUNDS`` for the synthetic
+kinds' parameters and ``FIT_BOUNDS`` for ``[fit]``; products of sizes are bounded too
+(``MAX_ELEMENTS`` per tensor, ``MAX_DRAW`` per estimator draw, ``MAX_SEED_RUNS`` per suite).
+
 Scalars are accepted where a list is expected (``causal = true``). Cell keys and seeds are
 derived in plan.py from these objects, never from the order of the file.
 """
@@ -128,6 +133,11 @@ def parse_suite(text: str, *, source: str = "<suite>", path: Path | None = None)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise SpecError(
+            f"{source}: not valid TOML for a suite: arrays or tables nested too deeply; a suite "
+            "needs at most a few levels"
+        ) from None
     return suite_from_dict(raw, source=source, path=path, text=text)
 
 

@@ -7,21 +7,24 @@ name); ``spec.suite_from_dict`` raises one SpecError with the first few.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
-import math
 from pathlib import Path
 
 from rfbench import registry
 from rfbench.errors import DataError, EstimatorError, SpecError
 from rfbench.suite import baselines as B
 from rfbench.suite.executor_spec import read_executor
+from rfbench.suite.spec_checks import _MISSING, INDEX_BOUND, _Checks, _close, _key, _show
 from rfbench.suite.spec_types import (
     DEVICES,
     DTYPES,
+    FIT_BOUNDS,
     GPU_TIMERS,
-    PER_DEVICE,
+    MAX_DRAW,
+    MAX_ELEMENTS,
+    MAX_SEED_RUNS,
     SOURCES,
+    SYNTHETIC_BOUNDS,
     DataSpec,
     EstimatorSpec,
     MetricSpec,
@@ -29,119 +32,30 @@ from rfbench.suite.spec_types import (
     Suite,
     SweepSpec,
     TimingSpec,
+    bound_of,
 )
 
 BASELINES = B.names()
 
-_MISSING = object()
+
+def _probe(kind: str, dim: int, dim_v: int | None, params: dict, defaults: dict) -> dict:
+    """Arguments of the validating draw: small (nothing of the suite's size is built), yet such
+    that every check depending on d runs as it would at full size: ``cond`` needs d >= 2,
+    ``rank`` <= d (a rank above d fails its check before anything is drawn), and ``matched``
+    compares d with its capture's (whose size bounds the draw)."""
+    if kind == "matched":
+        return {"dim": dim, "dim_v": dim_v, **params}
+    out = {"dim": min(dim, 2), "dim_v": None if dim_v is None else min(dim_v, 2), **params}
+    rank = {**defaults, **params}.get("rank")
+    if kind == "lowrank" and isinstance(rank, int) and not isinstance(rank, bool) and rank <= dim:
+        out["rank"] = min(rank, out["dim"])
+    elif kind == "lowrank" and isinstance(rank, int) and not isinstance(rank, bool):
+        out["dim"] = dim
+    return out
 
 
-def _show(value) -> str:
-    return repr(value) if not isinstance(value, dict) else "a table"
-
-
-def _close(name: str, known) -> str:
-    match = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-class _Reader:
+class _Reader(_Checks):
     """Walks the TOML document; every problem is recorded as "<file>: <key path>: <what>"."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    # ------------------------------------------------------------- generic checks
-    def table(self, value, path: str, allowed: tuple[str, ...]) -> dict:
-        if value is _MISSING:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"expected a table, got {_show(value)}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.error(
-                    f"{path}.{key}" if path else key,
-                    f"unknown key{_close(key, allowed)}; allowed: {', '.join(allowed)}",
-                )
-        return value
-
-    def integer(self, value, path: str, *, low: int = 1, default=_MISSING):
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            self.error(path, f"expected {what}, got {_show(value)}")
-            return default if default is not _MISSING else None
-        return value
-
-    def number(self, value, path: str, *, default=_MISSING, positive: bool = True):
-        if value is _MISSING:
-            return default
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        if not ok or (positive and value <= 0):
-            self.error(path, f"expected a {'positive ' if positive else ''}number, got {_show(value)}")
-            return default
-        return float(value)
-
-    def boolean(self, value, path: str, *, default=_MISSING):
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.error(path, f"expected true or false, got {_show(value)}")
-            return default
-        return value
-
-    def string(self, value, path: str, *, choices: tuple[str, ...] | None = None, default=_MISSING):
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str) or (choices is None and not value.strip()):
-            self.error(
-                path, f"expected a {'non-empty ' if choices is None else ''}string, got {_show(value)}"
-            )
-            return default
-        if choices is not None and value not in choices:
-            self.error(
-                path, f"{value!r} is not allowed{_close(value, choices)}; allowed: {', '.join(choices)}"
-            )
-            return default
-        return value
-
-    def items(self, value, path: str, check, *, default=_MISSING, nonempty: bool = True) -> tuple:
-        """A list (a scalar counts as a one-element list) whose items pass ``check(item, path)``."""
-        if value is _MISSING:
-            return default
-        values = value if isinstance(value, list) else [value]
-        if nonempty and not values:
-            self.error(path, "expected a non-empty list")
-            return default if default is not _MISSING else ()
-        out = []
-        for i, item in enumerate(values):
-            v = check(item, f"{path}[{i}]")
-            if v is not None:
-                out.append(v)
-        return tuple(dict.fromkeys(out))  # repeated values would repeat cells
-
-    def per_device(self, value, path: str, check, *, default=_MISSING) -> dict[str, tuple]:
-        """A list of items passing ``check``, or a table of such lists keyed by device."""
-        if value is _MISSING:
-            if default is _MISSING:
-                self.error(
-                    path, "required (a list, or a table of lists per device: { cpu = [...], cuda = [...] })"
-                )
-                return {"*": ()}
-            return {"*": default}
-        if isinstance(value, dict):
-            self.table(value, path, PER_DEVICE)
-            out = {dev: self.items(value[dev], f"{path}.{dev}", check) for dev in PER_DEVICE if dev in value}
-            if not out:
-                self.error(path, f"the per-device table is empty; give {' and/or '.join(PER_DEVICE)} lists")
-            return out
-        return {"*": self.items(value, path, check)}
 
     # ------------------------------------------------------------- sections
     def suite(self, raw: dict, path: Path | None) -> Suite:
@@ -151,8 +65,13 @@ class _Reader:
         head = self.table(top.get("suite", _MISSING), "suite", ("name", "description"))
         default_name = path.stem if path is not None else "suite"
         name = self.string(head.get("name", _MISSING), "suite.name", default=default_name)
-        if name and any(c in name for c in '/\\:*?"<>| '):
-            self.error("suite.name", f"{name!r} must be usable as a folder name (no spaces, / or \\)")
+        if name and (name.strip(".") == "" or not all(c.isprintable() for c in name)
+                     or any(c in name for c in '/\\:*?"<>| ')):
+            self.error(
+                "suite.name",
+                f"{_show(name)} must be usable as a folder name (not . or .., no spaces, / or \\); "
+                "name it like 'my-suite'",
+            )
         description = self.string(head.get("description", _MISSING), "suite.description", default="")
         estimators, baselines = self.estimators(top.get("estimators", _MISSING))
         data = self.data(top.get("data", _MISSING), path)
@@ -163,6 +82,7 @@ class _Reader:
         fit = self.fit(top.get("fit", _MISSING), [e.name for e in estimators])
         executor, problems = read_executor(top.get("executor"))
         self.errors += [f"{self.source}: {p}" for p in problems]
+        self.sizes(estimators, data, sweep, seeds)
         if not (metrics.kernel or metrics.attention_matrix or metrics.output or timing.enabled):
             self.error("metrics", "nothing to measure: every metric and timing are switched off")
         return Suite(
@@ -268,7 +188,7 @@ class _Reader:
         known = [*registry.feature_maps(), *registry.weight_matrices(), *names]
         out = {}
         for key, table in value.items():
-            p = f"estimators.params.{key}"
+            p = f"estimators.params.{_key(key)}"
             if key not in known:
                 self.error(p, f"not a feature map, weight matrix or listed estimator{_close(key, known)}")
                 continue
@@ -281,7 +201,7 @@ class _Reader:
                     if name not in allowed:
                         shown = ", ".join(sorted(allowed)) or "none"
                         self.error(
-                            f"{p}.{name}", f"unknown parameter{_close(name, allowed)}; allowed: {shown}"
+                            f"{p}.{_key(name)}", f"unknown parameter{_close(name, allowed)}; allowed: {shown}"
                         )
             out[key] = dict(table)
         return out
@@ -355,11 +275,11 @@ class _Reader:
         if not isinstance(params, dict):
             self.error(f"{p}.params", f"expected a table of parameters, got {_show(params)}")
             params = None
-        dim = self.integer(t.get("dim", _MISSING), f"{p}.dim", default=64)
-        dim_v = self.integer(t.get("dim_v", _MISSING), f"{p}.dim_v", default=None)
-        batch = self.integer(t.get("batch", _MISSING), f"{p}.batch", default=1)
-        heads = self.integer(t.get("heads", _MISSING), f"{p}.heads", default=1)
-        seed = self.integer(t.get("seed", _MISSING), f"{p}.seed", low=0, default=0)
+        dim, dim_v, batch, heads, seed = (
+            self.bounded(t.get(name, _MISSING), f"{p}.{name}", bound_of(DataSpec, name),
+                         default=next(f.default for f in dataclasses.fields(DataSpec) if f.name == name))
+            for name in ("dim", "dim_v", "batch", "heads", "seed")
+        )
         label = self.string(t.get("label", _MISSING), f"{p}.label", default=None)
         if kind is None or params is None or None in (dim, batch, heads, seed):
             return None
@@ -367,14 +287,18 @@ class _Reader:
         bad = [k for k in params if k not in defaults]
         for k in bad:
             self.error(
-                f"{p}.params.{k}",
+                f"{p}.params.{_key(k)}",
                 f"unknown parameter of {kind!r}{_close(k, defaults)}; "
                 f"allowed: {', '.join(defaults) or 'none'}",
             )
+        for k, value in params.items():
+            if k in SYNTHETIC_BOUNDS and value is not None and not SYNTHETIC_BOUNDS[k].holds(value):
+                bad.append(k)
+                self.error(f"{p}.params.{k}", f"expected {SYNTHETIC_BOUNDS[k].text()}, got {_show(value)}")
         if bad:
             return None
         try:  # the data module owns the value checks: a two-token draw runs all of them
-            synthetic.make(kind, seq_len=2, dim=dim, dim_v=dim_v, seed=seed, **params)
+            synthetic.make(kind, seq_len=2, seed=seed, **_probe(kind, dim, dim_v, params, defaults))
         except DataError as exc:
             self.error(f"{p}.params" if params else p, str(exc))
             return None
@@ -425,7 +349,7 @@ class _Reader:
             value = t.get(key, _MISSING)
             if value is _MISSING or value == "all":
                 return None
-            return self.items(value, f"{p}.{key}", lambda v, q: self.integer(v, q, low=0, default=None))
+            return self.items(value, f"{p}.{key}", lambda v, q: self.bounded(v, q, INDEX_BOUND, default=None))
 
         layers, heads = index_list("layers"), index_list("heads")
         per_layer = self.boolean(t.get("per_layer", _MISSING), f"{p}.per_layer", default=False)
@@ -447,8 +371,14 @@ class _Reader:
         if value is _MISSING:
             self.error("sweep", "required: give at least sweep.seq_len and sweep.num_features")
         return SweepSpec(
-            seq_len=self.per_device(t.get("seq_len", _MISSING), "sweep.seq_len", self.integer),
-            num_features=self.per_device(t.get("num_features", _MISSING), "sweep.num_features", self.integer),
+            **{
+                axis: self.per_device(
+                    t.get(axis, _MISSING),
+                    f"sweep.{axis}",
+                    self._bounded_item(bound_of(SweepSpec, axis)),
+                )
+                for axis in ("seq_len", "num_features")
+            },
             causal=self.per_device(
                 t.get("causal", _MISSING),
                 "sweep.causal",
@@ -470,33 +400,63 @@ class _Reader:
         )
 
     def seeds(self, value) -> SeedSpec:
-        t = self.table(value, "seeds", ("count", "base"))
-        return SeedSpec(
-            count=self.integer(t.get("count", _MISSING), "seeds.count", default=5),
-            base=self.integer(t.get("base", _MISSING), "seeds.base", low=0, default=0),
-        )
+        return self.fields(SeedSpec, value, "seeds")
 
     def metrics(self, value) -> MetricSpec:
-        t = self.table(value, "metrics", tuple(f.name for f in dataclasses.fields(MetricSpec)))
-        d = MetricSpec()
-        return MetricSpec(
-            kernel=self.boolean(t.get("kernel", _MISSING), "metrics.kernel", default=d.kernel),
-            attention_matrix=self.boolean(
-                t.get("attention_matrix", _MISSING), "metrics.attention_matrix", default=d.attention_matrix
-            ),
-            output=self.boolean(t.get("output", _MISSING), "metrics.output", default=d.output),
-            kernel_max_tokens=self.integer(
-                t.get("kernel_max_tokens", _MISSING),
-                "metrics.kernel_max_tokens",
-                low=0,
-                default=d.kernel_max_tokens,
-            ),
-            tile=self.integer(t.get("tile", _MISSING), "metrics.tile", default=d.tile),
-        )
+        return self.fields(MetricSpec, value, "metrics")
+
+    def sizes(self, estimators, data, sweep: SweepSpec, seeds: SeedSpec) -> None:
+        """Refuse sizes whose product no cell could hold (each number is in its own bounds)."""
+        lengths = [L for values in sweep.seq_len.values() for L in values]
+        ms = [m for values in sweep.num_features.values() for m in values]
+        if not lengths or not ms:
+            return
+        L, m = max(lengths), max(ms)
+        for spec in data:
+            if spec.source != "synthetic":
+                continue  # a capture's size is its file's
+            width = max(spec.dim, spec.dim_v or 0, 2 * m if estimators else 0)
+            elements = spec.batch * spec.heads * L * width
+            if elements > MAX_ELEMENTS:
+                self.error(
+                    f"data[{spec.index}]",
+                    f"batch x heads x seq_len x max(dim, dim_v, 2 m) = {elements:.3g} elements (with "
+                    f"seq_len {L}, num_features {m}) exceeds {MAX_ELEMENTS:.3g}; lower one of them",
+                )
+            elif estimators and m * spec.dim > MAX_DRAW:
+                self.error(
+                    f"data[{spec.index}].dim",
+                    f"num_features x dim = {m} x {spec.dim} exceeds {MAX_DRAW:.3g} elements per "
+                    "estimator draw; lower sweep.num_features or dim",
+                )
+        axes = 1
+        for axis in ("dtype", "causal", "seq_len", "num_features"):  # an upper bound over devices
+            axes *= max(1, sum(len(values) for values in getattr(sweep, axis).values()))
+        runs = len(estimators) * max(len(data), 1) * len(sweep.device) * axes * seeds.count
+        if runs > MAX_SEED_RUNS:
+            self.error(
+                "seeds.count",
+                f"{len(estimators)} estimators x the sweep x {seeds.count} seeds = {runs:.3g} estimator "
+                f"runs exceeds {MAX_SEED_RUNS:.3g}; lower seeds.count or the sweep",
+            )
 
     def fit(self, value, estimators: list[str]):
         """The [fit] section as a ``rfbench.learning.FitSpec`` (None without one)."""
         if value is _MISSING:
+            return None
+        tables = [("fit", value)] if isinstance(value, dict) else []
+        per = value.get("estimators") if isinstance(value, dict) else None
+        if isinstance(per, dict):
+            tables += [(f"fit.estimators.{_key(k)}", t) for k, t in per.items() if isinstance(t, dict)]
+        errors_before = len(self.errors)
+        for where, table in tables:
+            for key, bound in FIT_BOUNDS.items():
+                v = table.get(key)
+                # above the bound (or beyond an int64): FitConfig words the lower bounds itself
+                too_big = isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v <= bound.high
+                if too_big:
+                    self.error(f"{where}.{key}", f"expected {bound.text()}, got {v!r}")
+        if len(self.errors) > errors_before:
             return None
         # Only a suite with [fit] needs the learning configuration (``rfbench.learning`` loads
         # its parts lazily: this imports the config, not the trainer).
@@ -509,23 +469,4 @@ class _Reader:
             return None
 
     def timing(self, value) -> TimingSpec:
-        t = self.table(value, "timing", tuple(f.name for f in dataclasses.fields(TimingSpec)))
-        d = TimingSpec()
-        return TimingSpec(
-            enabled=self.boolean(t.get("enabled", _MISSING), "timing.enabled", default=d.enabled),
-            warmup=self.integer(t.get("warmup", _MISSING), "timing.warmup", low=0, default=d.warmup),
-            repeats=self.integer(t.get("repeats", _MISSING), "timing.repeats", default=d.repeats),
-            max_seconds=self.number(
-                t.get("max_seconds", _MISSING), "timing.max_seconds", default=d.max_seconds
-            ),
-            memory=self.boolean(t.get("memory", _MISSING), "timing.memory", default=d.memory),
-            all_seeds=self.boolean(t.get("all_seeds", _MISSING), "timing.all_seeds", default=d.all_seeds),
-            gpu_timer=self.string(
-                t.get("gpu_timer", _MISSING), "timing.gpu_timer", choices=GPU_TIMERS, default=d.gpu_timer
-            ),
-            gpu_warmup_ms=self.number(
-                t.get("gpu_warmup_ms", _MISSING), "timing.gpu_warmup_ms", default=d.gpu_warmup_ms
-            ),
-            gpu_rep_ms=self.number(t.get("gpu_rep_ms", _MISSING), "timing.gpu_rep_ms", default=d.gpu_rep_ms),
-            threads=self.integer(t.get("threads", _MISSING), "timing.threads", low=0, default=d.threads),
-        )
+        return self.fields(TimingSpec, value, "timing", {"gpu_timer": GPU_TIMERS})

@@ -66,7 +66,7 @@ def test_unknown_key_lists_the_allowed_ones(tmp_path):
 
 def test_wrong_type_names_the_item(tmp_path):
     msg = _error(tmp_path, _replace("seq_len = [16]", 'seq_len = [16, "abc"]'))
-    assert "x.toml: sweep.seq_len[1]: expected a positive integer, got 'abc'" in msg
+    assert "x.toml: sweep.seq_len[1]: expected an integer in [1, 2**22], got 'abc'" in msg
     msg = _error(tmp_path, _replace("[sweep]", '[sweep]\ncausal = "yes"'))
     assert "sweep.causal[0]: expected true or false, got 'yes'" in msg
 
@@ -89,11 +89,11 @@ def test_unknown_estimator_with_suggestion(tmp_path):
         (
             "num_features = [4]",
             "num_features = [0]",
-            "sweep.num_features[0]: expected a positive integer, got 0",
+            "sweep.num_features[0]: expected an integer in [1, 2**20], got 0",
         ),
         ("[sweep]", '[sweep]\ndtype = ["float8"]', "sweep.dtype[0]: 'float8' is not allowed"),
         ("[sweep]", '[sweep]\ndevice = ["tpu"]', "allowed: cpu, cuda, auto"),
-        ("dim = 8", "dim = -3", "data[0].dim: expected a positive integer, got -3"),
+        ("dim = 8", "dim = -3", "data[0].dim: expected an integer in [1, 8192], got -3"),
         (
             'kind = "isotropic"',
             'kind = "isotropik"',
@@ -105,8 +105,8 @@ def test_unknown_estimator_with_suggestion(tmp_path):
             'kind = "isotropic"\nparams = { cond = 3.0 }',
             "data[0].params.cond: unknown parameter",
         ),
-        ("[sweep]", "[seeds]\ncount = 0\n[sweep]", "seeds.count: expected a positive integer, got 0"),
-        ("[sweep]", "[metrics]\ntile = 0\n[sweep]", "metrics.tile: expected a positive integer, got 0"),
+        ("[sweep]", "[seeds]\ncount = 0\n[sweep]", "seeds.count: expected an integer in [1, 10000], got 0"),
+        ("[sweep]", "[metrics]\ntile = 0\n[sweep]", "metrics.tile: expected an integer in [1, 65536], got 0"),
         ("[sweep]", '[timing]\ngpu_timer = "wall"\n[sweep]', "timing.gpu_timer: 'wall' is not allowed"),
         ('name = "t"', 'name = "a b"', "suite.name: 'a b' must be usable as a folder name"),
     ],
