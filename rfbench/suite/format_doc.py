@@ -242,16 +242,29 @@ def _toml(value) -> str:
     return f"`{value}`"
 
 
+def _ranges(section: str) -> dict[str, str]:
+    """The declared ``Bound`` of each numeric key of a section (``spec_types``), as text."""
+    names = {"data": "DataSpec", "metrics": "MetricSpec", "seeds": "SeedSpec", "sweep": "SweepSpec",
+             "timing": "TimingSpec"}
+    cls = getattr(spec_types, names.get(section, ""), None)
+    if cls is None:
+        return {}
+    return {f.name: f.metadata["bound"].text() for f in dataclasses.fields(cls) if "bound" in f.metadata}
+
+
 def _rows(section: str, keys, meaning_prefix: str, source: str | None = None) -> list[str]:
-    defaults = _defaults(section)
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    defaults, ranges = _defaults(section), _ranges(section)
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for key in keys:
         kind, default, meaning = MEANINGS.get(f"{meaning_prefix}.{key}", ("?", None, ""))
         shown = default if default is not None else defaults.get(key, "—")
         if section == "data" and key == "heads":  # a count for synthetic data, indices for a capture
             shown = defaults.get("heads", "—") if source == "synthetic" else "all"
         meaning = meaning or "not described yet (add it to `rfbench/suite/format_doc.py`)"
-        lines.append(f"| `{key}` | {kind} | {shown} | {meaning} |")
+        allowed = ranges.get(key, "")
+        if section == "data" and key == "heads" and source != "synthetic":
+            allowed = ""  # head indices of a capture, not a count
+        lines.append(f"| `{key}` | {kind} | {shown} | {allowed} | {meaning} |")
     return lines
 
 
@@ -291,6 +304,8 @@ def generate() -> str:
         if section in SECTION_NOTES:
             out += [SECTION_NOTES[section], ""]
         if section == "data":
+            bounds = ", ".join(f"`{k}` {b.text()}" for k, b in spec_types.SYNTHETIC_BOUNDS.items())
+            out += [f"Synthetic kinds' `params`: {bounds}.", ""]
             for source in spec_types.SOURCES:
                 if f"data.{source}" in keys:
                     out += [f"With `source = \"{source}\"`:", ""]
