@@ -101,6 +101,13 @@ _DECLARED: tuple[Column, ...] = (
     Column("time_cv", "float64", "other", label="forward time coefficient of variation", later=True),
     Column("ref_ms", "float64", "other", "ms", label="calibration kernel time", later=True),
     Column("ref_samples_ms", "object", "other", "ms", label="calibration kernel samples (JSON)", later=True),
+    # the same in process CPU time (CPU device; NaN on CUDA): immune to waiting for a busy core
+    Column("cpu_ms", "float64", "other", "ms", label="forward CPU time", later=True),
+    Column("cpu_cv", "float64", "other", label="forward CPU time coefficient of variation", later=True),
+    Column("cpu_samples_ms", "object", "other", "ms", label="forward CPU time samples (JSON)", later=True),
+    Column("ref_cpu_ms", "float64", "other", "ms", label="calibration kernel CPU time", later=True),
+    Column("ref_cpu_samples_ms", "object", "other", "ms", label="calibration kernel CPU time samples (JSON)",
+           later=True),
     # the kernel the estimator approximates ("softmax", or e.g. a learned one)
     Column("target", "object", "other", label="target kernel", later=True),
     Column("fit_len", "int64", "other", "tokens", label="tokens fitted on", later=True),  # 0 without [fit]
@@ -122,7 +129,8 @@ METRICS: tuple[str, ...] = tuple(n for n, c in COLUMNS.items() if c.role == "met
 #: Columns that change from run to run of the same cells: the wall-clock measurements, which
 #: close METRICS (from time_ms on), the repeat count they chose and their timing detail.
 TIMED_COLUMNS: tuple[str, ...] = (
-    *METRICS[METRICS.index("time_ms") :], "n_rep", "time_samples_ms", "time_cv", "ref_ms", "ref_samples_ms"
+    *METRICS[METRICS.index("time_ms") :], "n_rep", "time_samples_ms", "time_cv", "ref_ms", "ref_samples_ms",
+    "cpu_ms", "cpu_cv", "cpu_samples_ms", "ref_cpu_ms", "ref_cpu_samples_ms",
 )
 #: Columns a cell file may lack (written before they existed): filled when it is read.
 LATER_COLUMNS: tuple[str, ...] = tuple(n for n, c in COLUMNS.items() if c.later)

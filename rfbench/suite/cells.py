@@ -20,8 +20,8 @@ gives; their ``fit_ms`` is that one fit's.
 
 Failures: an unsupported estimator/size pair is ``skipped`` with its reasons; running out of
 memory is ``oom``; an attention output holding NaN or Inf is ``nonfinite`` (the seed's row keeps
-its numbers, with a message counting the bad values); anything else is ``error`` with the exception's message (``run_cell`` never
-raises but for Ctrl-C).
+its numbers, with a message counting the bad values); anything else is ``error`` with the
+exception's message (``run_cell`` never raises but for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -164,6 +164,11 @@ def _measure(fn, suite: Suite, device: torch.device, tokens: int, name: str) -> 
         time_cv=timing.cv,
         ref_ms=timing.ref_ms,
         ref_samples_ms=_json_ms(timing.ref_samples_ms),
+        cpu_ms=timing.cpu_ms,
+        cpu_cv=timing.cpu_cv,
+        cpu_samples_ms=_json_ms(timing.cpu_samples_ms),
+        ref_cpu_ms=timing.ref_cpu_ms,
+        ref_cpu_samples_ms=_json_ms(timing.ref_cpu_samples_ms),
     )
     if t.memory:
         out["peak_mem_bytes"] = float(X.peak_memory(fn, device, name=name))

@@ -7,9 +7,15 @@ Timing (``time_forward``), CPU, counted in calls:
   each followed by one timed calibration call: ``repeats + 1`` reference samples interleaved
   with the forward's. The loop stops early once ``max_seconds`` have been spent, but never
   before ``MIN_REPEATS`` (3) forwards.
-- ``time.perf_counter`` around each call. Kept: every raw sample (``samples_ms``), the median,
-  20th and 80th percentile, the coefficient of variation std/mean (``cv``), and the reference
-  samples with their median (``ref_ms``).
+- ``time.perf_counter`` (wall) and ``time.process_time`` (the process's CPU time, all its
+  threads) around each call. Kept: every raw sample of both (``samples_ms``, ``cpu_samples_ms``),
+  the wall median, 20th and 80th percentile, the coefficient of variation std/mean of each
+  (``cv``, ``cpu_cv``), and the reference's samples and medians (``ref_ms``, ``ref_cpu_ms``).
+- Why CPU time too: on a shared machine the wall time of a call includes the time the process
+  waited for a core (on this 2-core machine with 7 busy processes, 1.7-14 ms for one 1.7 ms
+  forward), CPU time does not (1.7-3.3 ms). With ``timing.threads = 1`` it is the forward's
+  uncontended latency; with more threads it is their summed work (a lost-parallelism
+  regression shows in wall time only).
 - The calibration kernel (``REF_N`` x ``REF_N`` float32 matmul into a preallocated output, the
   same inputs every call and every run) is work of a fixed size: on a shared machine whatever
   slows the forward (another process on the core, a lower clock) slows it too, so ``time_ms /
@@ -86,7 +92,8 @@ CUDA_MEMORY_NOTE = (
 @dataclass(frozen=True)
 class Timing:
     """Forward time in milliseconds: median, 20th and 80th percentile over ``n_rep`` calls, every
-    raw sample, their coefficient of variation, and the interleaved reference's samples."""
+    raw sample, their coefficient of variation, the same for the process CPU time of each call
+    (CPU device only; NaN on CUDA), and the interleaved calibration kernel's samples."""
 
     median_ms: float
     p20_ms: float
@@ -97,6 +104,11 @@ class Timing:
     cv: float = float("nan")
     ref_ms: float = float("nan")
     ref_samples_ms: tuple[float, ...] = ()
+    cpu_ms: float = float("nan")
+    cpu_samples_ms: tuple[float, ...] = ()
+    cpu_cv: float = float("nan")
+    ref_cpu_ms: float = float("nan")
+    ref_cpu_samples_ms: tuple[float, ...] = ()
 
 
 def synchronize(device: torch.device) -> None:
@@ -113,13 +125,22 @@ def timed_call(fn: Callable, device: torch.device):
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def _summary(times_ms, timer: str, ref_ms=()) -> Timing:
+def _cv(t: np.ndarray) -> float:
+    return float(t.std(ddof=1) / t.mean()) if t.size > 1 and t.mean() > 0 else float("nan")
+
+
+def _median(x) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.median(x)) if x.size and np.isfinite(x).all() else float("nan")
+
+
+def _summary(times_ms, timer: str, ref_ms=(), cpu_ms=(), ref_cpu_ms=()) -> Timing:
     t = np.asarray(times_ms, dtype=np.float64)
     q50, q20, q80 = np.quantile(t, QUANTILES)
-    cv = float(t.std(ddof=1) / t.mean()) if t.size > 1 and t.mean() > 0 else float("nan")
-    ref = tuple(float(x) for x in ref_ms)
-    return Timing(float(q50), float(q20), float(q80), int(t.size), timer, tuple(map(float, t)), cv,
-                  float(np.median(ref)) if ref else float("nan"), ref)
+    c = np.asarray(cpu_ms, dtype=np.float64)
+    return Timing(float(q50), float(q20), float(q80), int(t.size), timer, tuple(map(float, t)), _cv(t),
+                  _median(ref_ms), tuple(map(float, ref_ms)), _median(c), tuple(map(float, c)),
+                  _cv(c) if c.size else float("nan"), _median(ref_cpu_ms), tuple(map(float, ref_cpu_ms)))
 
 
 def calibration_kernel(device: torch.device) -> Callable[[], None]:
@@ -167,19 +188,21 @@ def time_forward(
                       clock=_perf_counter_ms, timer="time.perf_counter")
 
 
-def _perf_counter_ms(fn: Callable) -> float:
-    t0 = time.perf_counter()
+def _perf_counter_ms(fn: Callable) -> tuple[float, float]:
+    """(wall, process CPU) milliseconds of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    t1, c1 = time.perf_counter(), time.process_time()
+    return (t1 - t0) * 1e3, (c1 - c0) * 1e3
 
 
-def _cuda_event_ms(fn: Callable) -> float:
+def _cuda_event_ms(fn: Callable) -> tuple[float, float]:
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     fn()
     end.record()
     end.synchronize()  # one sync per call: a wall-clock budget needs to know where we are
-    return begin.elapsed_time(end)
+    return begin.elapsed_time(end), float("nan")
 
 
 def _time_loop(fn, ref, device, *, warmup, repeats, max_seconds, clock, timer) -> Timing:
@@ -187,7 +210,7 @@ def _time_loop(fn, ref, device, *, warmup, repeats, max_seconds, clock, timer) -
         fn()
         ref()
     synchronize(device)
-    times: list[float] = []
+    times: list[tuple[float, float]] = []
     refs = [clock(ref)]
     start = time.perf_counter()
     while len(times) < max(repeats, 1):
@@ -195,7 +218,10 @@ def _time_loop(fn, ref, device, *, warmup, repeats, max_seconds, clock, timer) -
         refs.append(clock(ref))
         if len(times) >= MIN_REPEATS and time.perf_counter() - start > max_seconds:
             break
-    return _summary(times, timer, refs)
+    wall, cpu = zip(*times)
+    ref_wall, ref_cpu = zip(*refs)
+    cuda = device.type == "cuda"
+    return _summary(wall, timer, ref_wall, () if cuda else cpu, () if cuda else ref_cpu)
 
 
 # --------------------------------------------------------------------------- memory
