@@ -80,6 +80,7 @@ CV_MAX = 0.25  # a run whose repeats scatter more than this (robust CV): its tim
 REF_AGREE = 0.25  # calibration medians of the two runs differ by more: their times are "noisy"
 MAD_SIGMA = 1.4826  # sigma of a normal / its median absolute deviation
 MIN_SPREAD_CELLS = 8  # fewer common cells: no cross-cell spread estimate
+MIN_GROUP = 3  # an estimator timed in fewer common cells gets no all-cells time row
 P20_P80_SIGMAS = 1.683  # z(0.8) - z(0.2) of a normal distribution
 FAILED = ("oom", "nonfinite", "error")
 MIN_POOLED_DOF = 5  # fewer residual degrees of freedom than this: no pooled estimate
@@ -184,7 +185,8 @@ def compare_runs(
         raise IncompatibleRuns(f"the runs share no cell ({rb['cell'].nunique()} vs "
                                f"{rn['cell'].nunique()} cells){_why_disjoint(rb, rn)}")
     metrics = _choose_metrics(rb, rn, metrics)
-    labels = _labels(pd.concat([rb, rn]).drop_duplicates("cell").set_index("cell").loc[common])
+    cells = pd.concat([rb, rn]).drop_duplicates("cell").set_index("cell").loc[common]
+    labels = _labels(cells)
     cb, cn = _Cells(rb, metrics), _Cells(rn, metrics)
 
     rows = [{"cell": c, "label": labels[c], **r} for c in common
@@ -198,7 +200,10 @@ def compare_runs(
         spread = _cell_spread(metric, pairs, clocks)
         for cell, (vb, vn) in pairs.items():
             measured.append((cell, metric, vb, vn, pooled, spread, clocks.get(cell)))
-    z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured), 1))
+    groups = _groups(cells["estimator"].astype(str), measured)
+    z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured) + len(groups), 1))
+    for name, members in groups.items():
+        rows.append(_group_row(name, members, threshold, z_crit))
     for cell, metric, vb, vn, pooled, spread, clock in measured:
         rep = (cb.rep_sigma(cell, metric), cn.rep_sigma(cell, metric))
         rows.append({"cell": cell, "label": labels[cell],
@@ -207,6 +212,56 @@ def compare_runs(
     table["_order"] = table["verdict"].map(VERDICT_ORDER)
     table = table.sort_values(["_order", "ratio"], ascending=[True, False])
     return table.drop(columns="_order").reset_index(drop=True), z_crit
+
+
+def _groups(estimator: pd.Series, measured: list) -> dict[str, list[tuple[dict, dict]]]:
+    """The judged time of each estimator's cells, ``{name: [(clock, spread), ...]}``, for those
+    with at least MIN_GROUP cells timed in both runs."""
+    out: dict[str, list] = {}
+    for cell, metric, _, _, _, spread, clock in measured:
+        if metric == JUDGED_TIME and clock is not None:
+            out.setdefault(estimator[cell], []).append((clock, spread))
+    return {k: v for k, v in out.items() if len(v) >= MIN_GROUP}
+
+
+def _group_row(name: str, members: list, threshold: float, z_crit: float) -> dict:
+    """One estimator's time over all its cells: the mean judged log-ratio, whose noise is the
+    larger of the cross-cell spread and the group's own spread, over sqrt(cells), floored. A
+    slower forward slows every cell of its estimator, so this sees a change that each cell's
+    own noise hides; it is noisy when most of its cells' repeats scatter beyond CV_MAX or the
+    calibration kernel moved by more than REF_AGREE."""
+    judged = [_judged_log_ratio(c) for c, _ in members]
+    use_ref = all(math.isfinite(r) for _, r in judged)
+    logs = np.array([r if use_ref else a for a, r in judged])
+    k = len(logs)
+    spread = max(((sp or {}).get("log") or 0.0) for _, sp in members)
+    own = float(np.std(logs, ddof=1)) if k > 1 else 0.0
+    noise = max(max(spread, own) / math.sqrt(k), REL_FLOOR["time"])
+    mean = float(logs.mean())
+    z = mean / noise
+    n_scatter = sum(c["cv"] > CV_MAX for c, _ in members)
+    refs = [c["ref_new"] / c["ref_base"] for c, _ in members if c["ref_base"] > 0 and c["ref_new"] > 0]
+    ref_ratio = float(np.exp(np.mean(np.log(refs)))) if refs else math.nan
+    clock = members[0][0]["clock"]
+    notes = [f"{k} cells, {'CPU' if clock == 'cpu' else 'wall'} time" + (" vs ref" if use_ref else "")]
+    if abs(math.expm1(mean)) <= threshold:
+        verdict = "same"
+    elif n_scatter > k / 2:
+        verdict = "noisy"
+        notes.append(f"{n_scatter} of {k} cells' repeats scatter > {CV_MAX:.0%}")
+    elif math.isfinite(ref_ratio) and abs(math.log(ref_ratio)) > math.log1p(REF_AGREE):
+        verdict = "noisy"
+        notes.append(f"calibration kernel x{ref_ratio:.2f} between the runs")
+    elif abs(z) <= z_crit:
+        verdict = "noisy"
+    else:
+        verdict = "REGRESSION" if mean > 0 else "improved"
+    base = float(np.exp(np.mean([math.log(c["base"]) for c, _ in members])))
+    new = float(np.exp(np.mean([math.log(c["new"]) for c, _ in members])))
+    return dict(cell=f"estimator:{name}", label=f"{name} (all cells)", metric=JUDGED_TIME, base=base, new=new,
+                ratio=new / base, ratio_ref=math.exp(mean) if use_ref else math.nan, ref_ratio=ref_ratio,
+                noise=noise, z=z, cv=float(np.median([c["cv"] for c, _ in members])), n_base=k, n_new=k,
+                paired=False, verdict=verdict, regression=verdict == "REGRESSION", note="; ".join(notes))
 
 
 def _load_side(folders) -> tuple[pd.DataFrame, set[str]]:
