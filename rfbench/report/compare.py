@@ -30,12 +30,17 @@ below a stated floor, so it is never zero and z is never infinite:
   byte on the CPU (rfbench.suite.measure's allocation tracker) and on CUDA, so only the floor
   is left there: 2x more memory is z ~ 70.
 
-Time against the reference: each timed cell also timed a fixed calibration kernel between its
-repeats (``ref_ms``). Where both runs have it, the time verdict is judged on the ratio of
-``time_ms / ref_ms`` (``vs ref``: drift of the machine's speed cancels), and a regression needs
-the absolute time to have grown beyond the threshold too. A time comparison is **noisy** (never
-a REGRESSION) when either run's repeats scatter by more than ``CV_MAX`` (robust CV, from
-p20/p80), or when the two runs' calibration medians differ by more than ``REF_AGREE``.
+Time against the reference (rfbench.report.compare_time): each timed cell also timed a fixed
+calibration kernel between its repeats, in wall and process CPU time. The time verdict is judged
+on CPU time where both runs have it (waiting for a busy core does not count), else on wall time,
+over the calibration kernel's time on the same clock (``vs ref``: drift of the machine's speed
+cancels); a regression needs that clock's plain ratio beyond the threshold too. Each estimator
+also gets an "(all cells)" time row: the mean judged log-ratio over its cells, with noise the
+larger of the cross-cell and its own spread over sqrt(cells), floored (a slower forward slows
+every cell of its estimator; one cell's noise can hide it). Bonferroni counts these rows. A time
+comparison is **noisy** (never a REGRESSION) when either run's repeats scatter by more than
+``CV_MAX`` (robust CV of the judged clock's samples; from p20/p80 for wall time), or when the
+two runs' calibration medians differ by more than ``REF_AGREE``.
 
 A metric **regresses** when it is worse by more than ``--threshold`` (relative), AND
 z = log(ratio) / noise exceeds the one-sided normal quantile at ``--alpha`` / N (Bonferroni
@@ -50,7 +55,6 @@ Exit status: 0 no regression, 1 regression, 2 incompatible or unreadable runs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -61,6 +65,22 @@ import pandas as pd
 
 from rfbench.errors import DataError, SpecError
 from rfbench.report import METRICS, SLICE_KEYS
+from rfbench.report.compare_time import (
+    CV_MAX,
+    JUDGED_TIME,
+    KINDS,
+    P20_P80_SIGMAS,
+    REF_AGREE,
+    REL_FLOOR,
+    cell_spread,
+    estimator_groups,
+    gmean,
+    group_row,
+    judge_clock,
+    judged_log_ratio,
+    metric_sign,
+    robust_cv,
+)
 from rfbench.results import load_meta, load_results
 from rfbench.results.meta import META_FILE
 
@@ -68,20 +88,6 @@ DEFAULT_METRICS = ("time_ms", "peak_mem_bytes", "kernel_rel_mse", "out_rel_err")
 ABS_FLOOR = {"time_ms": 0.03, "draw_ms": 0.03, "fit_ms": 0.03, "peak_mem_bytes": float(2**20),
              "tokens_per_s": 0.0}
 ERROR_FLOOR = 1e-6
-#: metric -> kind; every other metric is an "error"
-KINDS = {"time_ms": "time", "tokens_per_s": "time", "draw_ms": "time", "fit_ms": "time",
-         "peak_mem_bytes": "memory"}
-#: the least noise (s.e. of the log-ratio) a comparison of each kind is given
-REL_FLOOR = {"time": 0.05, "memory": 0.01, "error": 0.01}
-#: the time metric judged on the timing loop's own clocks against the calibration kernel
-JUDGED_TIME = "time_ms"
-MEDIAN_SE = 1.2533  # s.e. of a normal sample's median, in sigma / sqrt(n)
-CV_MAX = 0.25  # a run whose repeats scatter more than this (robust CV): its time is "noisy"
-REF_AGREE = 0.25  # calibration medians of the two runs differ by more: their times are "noisy"
-MAD_SIGMA = 1.4826  # sigma of a normal / its median absolute deviation
-MIN_SPREAD_CELLS = 8  # fewer common cells: no cross-cell spread estimate
-MIN_GROUP = 3  # an estimator timed in fewer common cells gets no all-cells time row
-P20_P80_SIGMAS = 1.683  # z(0.8) - z(0.2) of a normal distribution
 FAILED = ("oom", "nonfinite", "error")
 MIN_POOLED_DOF = 5  # fewer residual degrees of freedom than this: no pooled estimate
 VERDICT_ORDER = {"fails now": 0, "REGRESSION": 1, "noisy": 2, "improved": 3, "fixed": 4, "same": 5}
@@ -196,14 +202,14 @@ def compare_runs(
         pairs = {c: (cb.values(c, metric), cn.values(c, metric)) for c in common}
         pairs = {c: v for c, v in pairs.items() if len(v[0][1]) and len(v[1][1])}
         pooled = _pooled_variances((vb[:2], vn[:2]) for vb, vn in pairs.values())
-        clocks = {c: _clock(cb.timing(c), cn.timing(c)) for c in pairs} if metric == JUDGED_TIME else {}
-        spread = _cell_spread(metric, pairs, clocks)
+        clocks = {c: judge_clock(cb.timing(c), cn.timing(c)) for c in pairs} if metric == JUDGED_TIME else {}
+        spread = cell_spread(metric, pairs, clocks)
         for cell, (vb, vn) in pairs.items():
             measured.append((cell, metric, vb, vn, pooled, spread, clocks.get(cell)))
-    groups = _groups(cells["estimator"].astype(str), measured)
+    groups = estimator_groups(cells["estimator"].astype(str), measured)
     z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured) + len(groups), 1))
     for name, members in groups.items():
-        rows.append(_group_row(name, members, threshold, z_crit))
+        rows.append(group_row(name, members, threshold, z_crit))
     for cell, metric, vb, vn, pooled, spread, clock in measured:
         rep = (cb.rep_sigma(cell, metric), cn.rep_sigma(cell, metric))
         rows.append({"cell": cell, "label": labels[cell],
@@ -212,56 +218,6 @@ def compare_runs(
     table["_order"] = table["verdict"].map(VERDICT_ORDER)
     table = table.sort_values(["_order", "ratio"], ascending=[True, False])
     return table.drop(columns="_order").reset_index(drop=True), z_crit
-
-
-def _groups(estimator: pd.Series, measured: list) -> dict[str, list[tuple[dict, dict]]]:
-    """The judged time of each estimator's cells, ``{name: [(clock, spread), ...]}``, for those
-    with at least MIN_GROUP cells timed in both runs."""
-    out: dict[str, list] = {}
-    for cell, metric, _, _, _, spread, clock in measured:
-        if metric == JUDGED_TIME and clock is not None:
-            out.setdefault(estimator[cell], []).append((clock, spread))
-    return {k: v for k, v in out.items() if len(v) >= MIN_GROUP}
-
-
-def _group_row(name: str, members: list, threshold: float, z_crit: float) -> dict:
-    """One estimator's time over all its cells: the mean judged log-ratio, whose noise is the
-    larger of the cross-cell spread and the group's own spread, over sqrt(cells), floored. A
-    slower forward slows every cell of its estimator, so this sees a change that each cell's
-    own noise hides; it is noisy when most of its cells' repeats scatter beyond CV_MAX or the
-    calibration kernel moved by more than REF_AGREE."""
-    judged = [_judged_log_ratio(c) for c, _ in members]
-    use_ref = all(math.isfinite(r) for _, r in judged)
-    logs = np.array([r if use_ref else a for a, r in judged])
-    k = len(logs)
-    spread = max(((sp or {}).get("log") or 0.0) for _, sp in members)
-    own = float(np.std(logs, ddof=1)) if k > 1 else 0.0
-    noise = max(max(spread, own) / math.sqrt(k), REL_FLOOR["time"])
-    mean = float(logs.mean())
-    z = mean / noise
-    n_scatter = sum(c["cv"] > CV_MAX for c, _ in members)
-    refs = [c["ref_new"] / c["ref_base"] for c, _ in members if c["ref_base"] > 0 and c["ref_new"] > 0]
-    ref_ratio = float(np.exp(np.mean(np.log(refs)))) if refs else math.nan
-    clock = members[0][0]["clock"]
-    notes = [f"{k} cells, {'CPU' if clock == 'cpu' else 'wall'} time" + (" vs ref" if use_ref else "")]
-    if abs(math.expm1(mean)) <= threshold:
-        verdict = "same"
-    elif n_scatter > k / 2:
-        verdict = "noisy"
-        notes.append(f"{n_scatter} of {k} cells' repeats scatter > {CV_MAX:.0%}")
-    elif math.isfinite(ref_ratio) and abs(math.log(ref_ratio)) > math.log1p(REF_AGREE):
-        verdict = "noisy"
-        notes.append(f"calibration kernel x{ref_ratio:.2f} between the runs")
-    elif abs(z) <= z_crit:
-        verdict = "noisy"
-    else:
-        verdict = "REGRESSION" if mean > 0 else "improved"
-    base = float(np.exp(np.mean([math.log(c["base"]) for c, _ in members])))
-    new = float(np.exp(np.mean([math.log(c["new"]) for c, _ in members])))
-    return dict(cell=f"estimator:{name}", label=f"{name} (all cells)", metric=JUDGED_TIME, base=base, new=new,
-                ratio=new / base, ratio_ref=math.exp(mean) if use_ref else math.nan, ref_ratio=ref_ratio,
-                noise=noise, z=z, cv=float(np.median([c["cv"] for c, _ in members])), n_base=k, n_new=k,
-                paired=False, verdict=verdict, regression=verdict == "REGRESSION", note="; ".join(notes))
 
 
 def _load_side(folders) -> tuple[pd.DataFrame, set[str]]:
@@ -401,90 +357,18 @@ class _Cells:
         (``ref_cpu``), each NaN where not measured; the largest robust CV of the rows' repeats on
         each clock (``cv_wall`` from p20/p80, ``cv_cpu`` from the raw CPU samples); the repeats."""
         pos = self._ok.get(cell, np.array([], int))
-        out = {k: _gmean(self._col[c][pos]) if c in self._col and len(pos) else math.nan
+        out = {k: gmean(self._col[c][pos]) if c in self._col and len(pos) else math.nan
                for k, c in (("wall", JUDGED_TIME), ("ref", "ref_ms"), ("cpu", "cpu_ms"),
                             ("ref_cpu", "ref_cpu_ms"))}
         rep = self.rep_sigma(cell, JUDGED_TIME)
         out["cv_wall"] = float(rep.max()) if len(rep) else math.nan
-        cvs = [_robust_cv(self._cpu_samples[i]) for i in pos] if self._cpu_samples is not None else []
+        cvs = [robust_cv(self._cpu_samples[i]) for i in pos] if self._cpu_samples is not None else []
         cvs = [c for c in cvs if math.isfinite(c)]
         out["cv_cpu"] = max(cvs) if cvs else math.nan
         n = self._col["n_rep"][pos] if "n_rep" in self._col and len(pos) else np.array([])
         n = n[np.isfinite(n) & (n > 0)]
         out["n_rep"] = float(n.min()) if len(n) else 1.0
         return out
-
-
-def _gmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x) & (x > 0)]
-    return float(np.exp(np.log(x).mean())) if len(x) else math.nan
-
-
-def _robust_cv(samples) -> float:
-    """1.4826 x MAD / median of a JSON list of samples (NaN: none)."""
-    try:
-        x = np.asarray(json.loads(samples), dtype=float) if isinstance(samples, str) and samples else None
-    except (ValueError, TypeError):
-        return math.nan
-    if x is None or len(x) < 2 or not np.isfinite(x).all() or np.median(x) <= 0:
-        return math.nan
-    med = np.median(x)
-    return float(MAD_SIGMA * np.median(np.abs(x - med)) / med)
-
-
-def _clock(tb: dict, tn: dict) -> dict | None:
-    """What a time verdict is judged on: process CPU time where both runs measured it (immune to
-    waiting for a busy core), else wall time; each against its calibration kernel where both
-    runs have one. None where neither run timed the cell."""
-    clock = "cpu" if math.isfinite(tb["cpu"]) and math.isfinite(tn["cpu"]) else "wall"
-    ref = "ref_cpu" if clock == "cpu" else "ref"
-    if not (tb[clock] > 0 and tn[clock] > 0):
-        return None
-    return dict(clock=clock, base=tb[clock], new=tn[clock], ref_base=tb[ref], ref_new=tn[ref],
-                cv=max(_nan0(tb[f"cv_{clock}"]), _nan0(tn[f"cv_{clock}"])),
-                se=MEDIAN_SE * math.sqrt(_nan0(tb[f"cv_{clock}"]) ** 2 / tb["n_rep"]
-                                         + _nan0(tn[f"cv_{clock}"]) ** 2 / tn["n_rep"]))
-
-
-def _nan0(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
-
-
-def _judged_log_ratio(clock: dict) -> tuple[float, float]:
-    """(log ratio of the judged clock, the same against the calibration kernel: NaN without one)."""
-    change = math.log(clock["new"] / clock["base"])
-    if clock["ref_base"] > 0 and clock["ref_new"] > 0:
-        return change, change - math.log(clock["ref_new"] / clock["ref_base"])
-    return change, math.nan
-
-
-def _cell_spread(metric: str, pairs: dict, clocks: dict) -> dict:
-    """Robust run-to-run spread of one metric's log-ratios across the common cells: 1.4826 x
-    their median absolute deviation about the median. For the judged time, of the judged clock's
-    ratios against the calibration kernel where every cell has it, else of the plain ones. None
-    where fewer than MIN_SPREAD_CELLS cells, or for an error metric (their per-seed spread is
-    measured directly)."""
-    if KINDS.get(metric, "error") == "error":
-        return {"log": None}
-    logs = []
-    if clocks:
-        judged = [_judged_log_ratio(c) for c in clocks.values() if c is not None]
-        with_ref = [r for _, r in judged if math.isfinite(r)]
-        logs = with_ref if len(with_ref) == len(judged) else [a for a, _ in judged]
-    else:
-        for vb, vn in pairs.values():
-            b, n = vb[1], vn[1]
-            if (b > 0).all() and (n > 0).all():
-                logs.append(math.log(n.mean() / b.mean()))
-    if len(logs) < MIN_SPREAD_CELLS:
-        return {"log": None}
-    x = np.asarray(logs)
-    return {"log": float(MAD_SIGMA * np.median(np.abs(x - np.median(x))))}
-
-
-def _sign(metric: str) -> float:
-    """+1 where lower is better, -1 where higher is (throughput)."""
-    return -1.0 if metric in METRICS and not METRICS[metric].lower_is_better else 1.0
 
 
 def _is_paired(vb, vn) -> bool:
@@ -536,14 +420,14 @@ def _compare(vb, vn, metric: str, pooled: dict, rep, threshold: float, z_crit: f
     """Ratio, noise, z and verdict of one metric of one cell (see the module docstring).
 
     ``vb``, ``vn``: (seed indices, values, between-run variance) of BASE and NEW; ``rep``: per-row
-    relative repeat sigmas; ``spread``: the cross-cell spread of ``_cell_spread``; ``clock``: what
+    relative repeat sigmas; ``spread``: the cross-cell spread of ``cell_spread``; ``clock``: what
     a time verdict is judged on (``_clock``), None for other metrics.
     """
     paired = _is_paired(vb, vn)
     (_, b, between_b), (_, n, between_n) = vb, vn
     mb, mn = float(b.mean()), float(n.mean())
     kind = KINDS.get(metric, "error")
-    sign = _sign(metric)
+    sign = metric_sign(metric)
     floor = REL_FLOOR[kind]
     sb, sn = rep
     ratio = mn / mb if mb else (1.0 if mn == 0 else math.inf)
@@ -567,7 +451,7 @@ def _compare(vb, vn, metric: str, pooled: dict, rep, threshold: float, z_crit: f
         if clock is not None:  # time: the judged clock, against its calibration kernel
             cv = clock["cv"]
             repeat = clock["se"]
-            judged_abs, with_ref = _judged_log_ratio(clock)
+            judged_abs, with_ref = judged_log_ratio(clock)
             judged = judged_abs
             if math.isfinite(with_ref):
                 ref_ratio = clock["ref_new"] / clock["ref_base"]

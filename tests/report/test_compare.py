@@ -273,17 +273,17 @@ def test_several_runs_per_side(timed, capsys):
 def test_cross_cell_spread_is_robust_to_a_minority_of_regressions():
     import numpy as np
 
-    from rfbench.report.compare import _cell_spread
+    from rfbench.report.compare_time import cell_spread
 
     rng = np.random.default_rng(0)
     base = {f"c{i}": ((np.array([0]), np.array([1.0]), 0.0),
                       (np.array([0]), np.array([math.exp(rng.normal(0, 0.1))]), 0.0)) for i in range(60)}
-    quiet = _cell_spread("peak_mem_bytes", base, {})["log"]
+    quiet = cell_spread("peak_mem_bytes", base, {})["log"]
     assert 0.07 < quiet < 0.13  # the 10 % scatter, measured
     worse = {c: (vb, (vn[0], vn[1] * (3.0 if i < 10 else 1.0), 0.0))
              for i, (c, (vb, vn)) in enumerate(base.items())}
     logs = [math.log(vn[1][0]) for _, vn in worse.values()]
     # 1 cell in 6 three times slower: the standard deviation of the log-ratios quadruples, the
     # robust spread stays below twice the scatter, so the other cells keep a usable noise
-    assert np.std(logs) > 0.35 and _cell_spread("peak_mem_bytes", worse, {})["log"] < 0.2
-    assert _cell_spread("kernel_rel_mse", base, {})["log"] is None  # errors: per-seed spread instead
+    assert np.std(logs) > 0.35 and cell_spread("peak_mem_bytes", worse, {})["log"] < 0.2
+    assert cell_spread("kernel_rel_mse", base, {})["log"] is None  # errors: per-seed spread instead
