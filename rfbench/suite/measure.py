@@ -14,8 +14,8 @@ Timing (``time_forward``), CPU, counted in calls:
 - Why CPU time too: on a shared machine the wall time of a call includes the time the process
   waited for a core (on this 2-core machine with 7 busy processes, 1.7-14 ms for one 1.7 ms
   forward), CPU time does not (1.7-3.3 ms). With ``timing.threads = 1`` it is the forward's
-  uncontended latency; with more threads it is their summed work (a lost-parallelism
-  regression shows in wall time only).
+  uncontended latency; with more threads it is their summed work, OpenMP's spin-waiting
+  included (a lost-parallelism regression shows in wall time only).
 - The calibration kernel (``REF_N`` x ``REF_N`` float32 matmul into a preallocated output, the
   same inputs every call and every run) is work of a fixed size: on a shared machine whatever
   slows the forward (another process on the core, a lower clock) slows it too, so ``time_ms /
@@ -50,10 +50,10 @@ Peak memory (``peak_memory``), measured in a call of its own, apart from timing:
 
 Test hook (never on by default): ``RFBENCH_TEST_INJECT="posrf-iid:slow=1.5,mem=2"`` (several
 entries joined by ``;``) makes the named estimator's (or baseline's) forward ``slow`` times
-slower (a busy wait of (slow - 1) times the call's own time after each call) and its peak memory
-``mem`` times larger (a ballast tensor of (mem - 1) times the forward's peak held during the
-call). Read here only, by ``time_forward`` and ``peak_memory``; used by the compare acceptance
-benchmark (tests/bench/test_compare_acceptance.py).
+slower (a busy wait of (slow - 1) times the call's own CPU time after each call; wall time on
+CUDA) and its peak memory ``mem`` times larger (a ballast tensor of (mem - 1) times the
+forward's peak held during the call). Read here only, by ``time_forward`` and ``peak_memory``;
+used by the compare acceptance benchmark (tests/bench/test_compare_acceptance.py).
 """
 
 from __future__ import annotations
@@ -339,12 +339,17 @@ def injection(name: str, env: str | None = None) -> Injection | None:
 
 
 def _slowed(fn: Callable, factor: float, device: torch.device) -> Callable:
+    """``fn`` followed by a busy wait of (factor - 1) times its own cost: its process CPU time on
+    the CPU (the clock ``rfbench compare`` judges; waiting for a busy core is not stretched), its
+    synchronised wall time on CUDA."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
     def call():
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
         synchronize(device)
-        end = time.perf_counter() + (factor - 1.0) * (time.perf_counter() - t0)
-        while time.perf_counter() < end:  # busy: the core is taken, as by more work
+        end = clock() + (factor - 1.0) * (clock() - t0)
+        while clock() < end:  # busy: the core is taken, as by more work
             pass
         return out
 
