@@ -1,32 +1,54 @@
-"""``rfbench compare BASE_DIR NEW_DIR``: the regression gate between two results folders.
+"""``rfbench compare BASE NEW``: the regression gate between results folders.
 
-Cells are joined on their key hash (``cell``: the same cell definition has the same hash in
-every run) and seeds on ``seed_index``. For each common cell and metric (default: time, peak
-memory, kernel relative MSE, output error; lower is better except throughput):
+``rfbench compare BASE NEW`` compares two folders; ``rfbench compare --base A1 A2 --new B1 B2``
+compares several runs per side (their rows are pooled; the spread between the runs of one side
+is then measured too). Cells are joined on their key hash (``cell``: the same cell definition
+has the same hash in every run) and seeds on ``seed_index``. For each common cell and metric
+(default: time, peak memory, kernel relative MSE, output error; lower is better except
+throughput):
 
-    ratio = mean_new / mean_base             (means over the seeds that succeeded)
+    ratio = mean_new / mean_base             (geometric mean over runs, mean over seeds that succeeded)
     noise = standard error of log(ratio)     (about the relative standard error of the change)
 
-How the noise is estimated, in log space (the noise of times and errors is multiplicative):
+The noise model, in log space (the noise of times, bytes and errors is multiplicative). The
+noise of a comparison is the largest of these estimates, each made from the data, and never
+below a stated floor, so it is never zero and z is never infinite:
 
-- paired seeds (both runs succeeded on the same seed indices): from the per-seed log-ratios
-  log(new_i / base_i). Two runs of the same code draw the same random features per seed, so
-  pairing cancels the Monte Carlo spread the runs share: an error change shows even when it is
-  small next to the spread over seeds;
-- unpaired: Welch's sqrt(var_base / n_base + var_new / n_new) of the per-seed log values;
-- a cell has only a few seeds, so its own variance estimate is itself noisy. The variance is
-  also pooled over all cells of the metric, and the larger of the cell's and the pooled
-  standard error is used (relative noise is similar across cells; the max keeps a noisier cell
-  from being flagged on the pooled value);
-- times: at least the within-run jitter of the repeats, sigma_rep = (p80 - p20) / 1.683 (the
-  20-80 % range of a normal spans 1.683 sigma), per seed, so one seed still carries its jitter.
+- seeds: paired (both runs succeeded on the same seed indices): the spread of the per-seed
+  log-ratios (two runs of the same code draw the same random features per seed, so pairing
+  cancels the Monte Carlo spread they share); unpaired: Welch's sqrt(var_b / n_b + var_n / n_n)
+  of the per-seed log values. Also pooled over all cells of the metric (a few seeds give a
+  noisy variance);
+- repeats (times): the within-run jitter of one repeat, (p80 - p20) / 1.683 relative to the
+  median (the 20-80 % range of a normal spans 1.683 sigma);
+- runs: with several folders on a side, the spread of a cell's log value between them;
+- cells (times and memory): the run-to-run spread seen across all common cells, 1.4826 x the
+  median absolute deviation of their log-ratios about the median (robust: a regression in a
+  minority of cells does not inflate it). It is what one cell's ratio scatters by when nothing
+  changed, measured in this very comparison;
+- floor: ``REL_FLOOR`` per metric kind: time 10 % (5 % for an estimator's all-cells row), memory
+  1 %, errors 1 %. Memory repeats to the
+  byte on the CPU (rfbench.suite.measure's allocation tracker) and on CUDA, so only the floor
+  is left there: 2x more memory is z ~ 70.
+
+Time against the reference (rfbench.report.compare_time): each timed cell also timed a fixed
+calibration kernel between its repeats, in wall and process CPU time. The time verdict is judged
+on CPU time where both runs have it (waiting for a busy core does not count), else on wall time,
+over the calibration kernel's time on the same clock (``vs ref``: drift of the machine's speed
+cancels); a regression needs that clock's plain ratio beyond the threshold too. Each estimator
+also gets an "(all cells)" time row: the mean judged log-ratio over its cells, with noise the
+larger of the cross-cell and its own spread over sqrt(cells), floored (a slower forward slows
+every cell of its estimator; one cell's noise can hide it). Bonferroni counts these rows. A time
+comparison is **noisy** (never a REGRESSION) when either run's repeats scatter by more than
+``CV_MAX`` (robust CV of the judged clock's samples; from p20/p80 for wall time), or when the
+two runs' calibration medians differ by more than ``REF_AGREE``.
 
 A metric **regresses** when it is worse by more than ``--threshold`` (relative), AND
 z = log(ratio) / noise exceeds the one-sided normal quantile at ``--alpha`` / N (Bonferroni
-over the N comparisons, so pure noise across hundreds of cells still passes with probability
-1 - alpha; N=20: 3.0 noise units, N=900: 3.9), AND the change exceeds an absolute floor (30 us
-for time, as xformers uses; 1 MiB for memory; 1e-6 for errors). A cell that succeeded in BASE
-and fails (oom/error) on some seed in NEW regresses too.
+over the N comparisons: N=20 gives 3.0 noise units, N=900: 3.9), AND the change exceeds an
+absolute floor (30 us for time, as xformers uses; 1 MiB for memory; 1e-6 for errors). A change
+beyond the threshold but within the noise is "noisy". A cell that succeeded in BASE and fails
+(oom/nonfinite/error) on some seed in NEW regresses too.
 
 Exit status: 0 no regression, 1 regression, 2 incompatible or unreadable runs.
 """
@@ -44,6 +66,22 @@ import pandas as pd
 
 from rfbench.errors import DataError, SpecError
 from rfbench.report import METRICS, SLICE_KEYS
+from rfbench.report.compare_time import (
+    CV_MAX,
+    JUDGED_TIME,
+    KINDS,
+    P20_P80_SIGMAS,
+    REF_AGREE,
+    REL_FLOOR,
+    cell_spread,
+    estimator_groups,
+    gmean,
+    group_row,
+    judge_clock,
+    judged_log_ratio,
+    metric_sign,
+    robust_cv,
+)
 from rfbench.results import load_meta, load_results
 from rfbench.results.meta import META_FILE
 
@@ -51,10 +89,11 @@ DEFAULT_METRICS = ("time_ms", "peak_mem_bytes", "kernel_rel_mse", "out_rel_err")
 ABS_FLOOR = {"time_ms": 0.03, "draw_ms": 0.03, "fit_ms": 0.03, "peak_mem_bytes": float(2**20),
              "tokens_per_s": 0.0}
 ERROR_FLOOR = 1e-6
-P20_P80_SIGMAS = 1.683  # z(0.8) - z(0.2) of a normal distribution
-FAILED = ("oom", "error")
+FAILED = ("oom", "nonfinite", "error")
 MIN_POOLED_DOF = 5  # fewer residual degrees of freedom than this: no pooled estimate
 VERDICT_ORDER = {"fails now": 0, "REGRESSION": 1, "noisy": 2, "improved": 3, "fixed": 4, "same": 5}
+COLUMNS = ["cell", "label", "metric", "base", "new", "ratio", "ratio_ref", "ref_ratio", "noise", "z",
+           "cv", "n_base", "n_new", "paired", "verdict", "regression", "note"]
 
 
 class IncompatibleRuns(DataError):
@@ -62,8 +101,12 @@ class IncompatibleRuns(DataError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("base_dir", metavar="BASE_DIR", help="results folder of the reference run")
-    parser.add_argument("new_dir", metavar="NEW_DIR", help="results folder of the run under test")
+    parser.add_argument("dirs", nargs="*", metavar="DIR",
+                        help="BASE_DIR NEW_DIR: the reference run and the run under test")
+    parser.add_argument("--base", nargs="+", metavar="DIR",
+                        help="several reference runs (instead of BASE_DIR; with --new)")
+    parser.add_argument("--new", nargs="+", metavar="DIR",
+                        help="several runs under test (instead of NEW_DIR; with --base)")
     parser.add_argument("--threshold", default="10%", metavar="T",
                         help="relative change that counts, as '10%%' or '0.1' (default 10%%)")
     parser.add_argument("--metric", action="append", metavar="NAME",
@@ -74,6 +117,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--changes-only", action="store_true",
                         help="print only regressions, improvements and changed statuses")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+
+
+def sides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The BASE and NEW folders from ``compare BASE NEW`` or ``compare --base .. --new ..``."""
+    if args.base or args.new:
+        if args.dirs or not (args.base and args.new):
+            raise SpecError("give either BASE_DIR NEW_DIR or both --base DIR... and --new DIR..., "
+                            "not a mix")
+        return list(args.base), list(args.new)
+    if len(args.dirs) != 2:
+        raise SpecError(f"compare needs BASE_DIR NEW_DIR (got {len(args.dirs)} folder(s)); for several "
+                        "runs per side write --base DIR... --new DIR...")
+    return [args.dirs[0]], [args.dirs[1]]
 
 
 def parse_threshold(text: str) -> float:
@@ -94,34 +150,40 @@ def main(args: argparse.Namespace) -> int:
     threshold = parse_threshold(args.threshold)
     if not 0 < args.alpha < 1:
         raise SpecError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    table, z_crit = compare_runs(args.base_dir, args.new_dir, metrics=args.metric, threshold=threshold,
-                                 alpha=args.alpha)
+    base, new = sides(args)
+    table, z_crit = compare_runs(base, new, metrics=args.metric, threshold=threshold, alpha=args.alpha)
     shown = table[~table["verdict"].isin(["same", "noisy"])] if args.changes_only else table
     print(format_table(shown, markdown=args.markdown) if len(shown) else "(no change beyond the threshold)")
     bad = table[table["regression"]]
     n_cells = table["cell"].nunique()
+    n_noisy = int((table["verdict"] == "noisy").sum())
     rule = f"{threshold:.0%} and {z_crit:.2g} noise units (family-wise alpha {args.alpha:g})"
+    noisy = f"; {n_noisy} noisy (beyond the threshold, not beyond the noise)" if n_noisy else ""
     if len(bad):
         worst = bad.sort_values("ratio", ascending=False).iloc[0]
         what = "fails now" if worst["metric"] == "status" else f"{worst['metric']} x{worst['ratio']:.2f}"
+        names = ", ".join(sorted(set(bad["label"].str.split(" ").str[0])))
         print(f"\n{len(bad)} regression(s) beyond {rule} in {bad['cell'].nunique()} of {n_cells} "
-              f"common cells; worst: {worst['label']} {what}")
+              f"common cells ({names}); worst: {worst['label']} {what}{noisy}")
         return 1
-    print(f"\nno regression beyond {rule}: {n_cells} common cells, {len(table)} comparisons")
+    print(f"\nno regression beyond {rule}: {n_cells} common cells, {len(table)} comparisons{noisy}")
     return 0
 
 
 # ------------------------------------------------------------------------------ comparison
 def compare_runs(
-    base_dir, new_dir, *, metrics=None, threshold: float = 0.10, alpha: float = 0.05
+    base_dirs, new_dirs, *, metrics=None, threshold: float = 0.10, alpha: float = 0.05
 ) -> tuple[pd.DataFrame, float]:
     """One row per (common cell, metric), worst first, and the z threshold used.
 
-    Columns: cell, label, metric, base, new, ratio, noise (s.e. of log ratio), z, n_base, n_new,
+    ``base_dirs``, ``new_dirs``: a results folder or a list of them (runs of one side, pooled).
+    Columns: cell, label, metric, base, new, ratio, ratio_ref (the ratio of time / calibration
+    time; NaN where not timed against it), ref_ratio (calibration NEW / BASE), noise (s.e. of the
+    log ratio judged), z, cv (the larger robust CV of the two runs' repeats), n_base, n_new,
     paired, verdict, regression, note. Raises IncompatibleRuns (exit 2) when the runs cannot be
     joined.
     """
-    (rb, suites_b), (rn, suites_n) = _load(base_dir), _load(new_dir)
+    (rb, suites_b), (rn, suites_n) = _load_side(base_dirs), _load_side(new_dirs)
     if suites_b and suites_n and suites_b != suites_n:
         raise IncompatibleRuns(f"the runs come from different suites ({_few(suites_b)} vs "
                                f"{_few(suites_n)}); compare two runs of the same suite")
@@ -130,7 +192,8 @@ def compare_runs(
         raise IncompatibleRuns(f"the runs share no cell ({rb['cell'].nunique()} vs "
                                f"{rn['cell'].nunique()} cells){_why_disjoint(rb, rn)}")
     metrics = _choose_metrics(rb, rn, metrics)
-    labels = _labels(pd.concat([rb, rn]).drop_duplicates("cell").set_index("cell").loc[common])
+    cells = pd.concat([rb, rn]).drop_duplicates("cell").set_index("cell").loc[common]
+    labels = _labels(cells)
     cb, cn = _Cells(rb, metrics), _Cells(rn, metrics)
 
     rows = [{"cell": c, "label": labels[c], **r} for c in common
@@ -139,19 +202,38 @@ def compare_runs(
     for metric in metrics:
         pairs = {c: (cb.values(c, metric), cn.values(c, metric)) for c in common}
         pairs = {c: v for c, v in pairs.items() if len(v[0][1]) and len(v[1][1])}
-        pooled = _pooled_variances(pairs.values())
+        pooled = _pooled_variances((vb[:2], vn[:2]) for vb, vn in pairs.values())
+        clocks = {c: judge_clock(cb.timing(c), cn.timing(c)) for c in pairs} if metric == JUDGED_TIME else {}
+        spread = cell_spread(metric, pairs, clocks)
         for cell, (vb, vn) in pairs.items():
-            measured.append((cell, metric, vb, vn, pooled))
-    z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured), 1))
-    for cell, metric, vb, vn, pooled in measured:
+            measured.append((cell, metric, vb, vn, pooled, spread, clocks.get(cell)))
+    groups = estimator_groups(cells["estimator"].astype(str), measured)
+    z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured) + len(groups), 1))
+    for name, members in groups.items():
+        rows.append(group_row(name, members, threshold, z_crit))
+    for cell, metric, vb, vn, pooled, spread, clock in measured:
         rep = (cb.rep_sigma(cell, metric), cn.rep_sigma(cell, metric))
         rows.append({"cell": cell, "label": labels[cell],
-                     **_compare(vb, vn, metric, pooled, rep, threshold, z_crit)})
-    table = pd.DataFrame(rows, columns=["cell", "label", "metric", "base", "new", "ratio", "noise", "z",
-                                        "n_base", "n_new", "paired", "verdict", "regression", "note"])
+                     **_compare(vb, vn, metric, pooled, rep, threshold, z_crit, spread=spread, clock=clock)})
+    table = pd.DataFrame(rows, columns=COLUMNS)
     table["_order"] = table["verdict"].map(VERDICT_ORDER)
     table = table.sort_values(["_order", "ratio"], ascending=[True, False])
     return table.drop(columns="_order").reset_index(drop=True), z_crit
+
+
+def _load_side(folders) -> tuple[pd.DataFrame, set[str]]:
+    """The rows of one side's folders, with a ``_run`` column (0, 1, ..), and their suite names."""
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    frames, suites = [], set()
+    for i, folder in enumerate(folders):
+        rows, names = _load(folder)
+        frames.append(rows.assign(_run=i))
+        suites |= names
+    if len(suites) > 1:
+        raise IncompatibleRuns(f"the runs of one side come from different suites ({_few(suites)}); "
+                               "give runs of one suite per side")
+    return pd.concat(frames, ignore_index=True), suites
 
 
 def _load(folder) -> tuple[pd.DataFrame, set[str]]:
@@ -217,7 +299,8 @@ def _labels(cells: pd.DataFrame) -> dict[str, str]:
 
 
 class _Cells:
-    """Per-cell numpy views of one run's rows, built once (per-cell pandas indexing is slow)."""
+    """Per-cell numpy views of one side's rows (one or more runs), built once (per-cell pandas
+    indexing is slow)."""
 
     def __init__(self, results: pd.DataFrame, metrics: list[str]):
         self._status = results["status"].to_numpy(str)
@@ -226,23 +309,42 @@ class _Cells:
         self._ok = ok.groupby("cell").indices
         self._seed = ok["seed_index"].to_numpy() if "seed_index" in ok else np.arange(len(ok))
         wanted = [c for m in metrics for c in (m, f"{m}_p20", f"{m}_p80")]
+        wanted += ["ref_ms", "cpu_ms", "ref_cpu_ms", "n_rep"]
         self._col = {c: pd.to_numeric(ok[c], errors="coerce").to_numpy(float) for c in wanted if c in ok}
+        self._cpu_samples = ok["cpu_samples_ms"].to_numpy(object) if "cpu_samples_ms" in ok else None
 
     def statuses(self, cell: str) -> np.ndarray:
         return self._status[self._all[cell]]
 
-    def values(self, cell: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """(seed indices, values) of ``metric`` on the ok seeds with a finite value, by seed index."""
+    def values(self, cell: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(seed indices, values, between-run variance) of ``metric`` on the ok seeds with a
+        finite value, by seed index. A seed measured in several runs of the side gets the
+        geometric mean of its values (positive ones; else the mean), and the variance of its log
+        values divided by their count (averaged over such seeds; 0 with one run) comes third."""
         pos = self._ok.get(cell, np.array([], int))
         if metric not in self._col or not len(pos):
-            return np.array([], int), np.array([])
+            return np.array([], int), np.array([]), 0.0
         vals, seeds = self._col[metric][pos], self._seed[pos]
         keep = np.isfinite(vals)
-        order = np.argsort(seeds[keep], kind="stable")
-        return seeds[keep][order], vals[keep][order]
+        vals, seeds = vals[keep], seeds[keep]
+        uniq = np.unique(seeds)
+        if len(uniq) == len(seeds):  # one run: nothing to pool
+            order = np.argsort(seeds, kind="stable")
+            return seeds[order], vals[order], 0.0
+        out, between = [], []
+        for s in uniq:
+            v = vals[seeds == s]
+            if (v > 0).all():
+                lv = np.log(v)
+                out.append(float(np.exp(lv.mean())))
+                if len(v) > 1:
+                    between.append(float(np.var(lv, ddof=1)) / len(v))
+            else:
+                out.append(float(v.mean()))
+        return uniq, np.asarray(out), float(np.mean(between)) if between else 0.0
 
     def rep_sigma(self, cell: str, metric: str) -> np.ndarray:
-        """Per-seed relative sigma of one repeat, from the timing loop's p20/p80 (times only)."""
+        """Per-row relative sigma of one repeat (a robust CV), from the timing loop's p20/p80."""
         lo, hi = f"{metric}_p20", f"{metric}_p80"
         pos = self._ok.get(cell, np.array([], int))
         if lo not in self._col or hi not in self._col or not len(pos):
@@ -250,10 +352,29 @@ class _Cells:
         rel = (self._col[hi][pos] - self._col[lo][pos]) / P20_P80_SIGMAS / self._col[metric][pos]
         return rel[np.isfinite(rel)]
 
+    def timing(self, cell: str) -> dict:
+        """The cell's timing detail over its timed rows: geometric means of the wall median
+        (``wall``), its calibration (``ref``), the CPU-time median (``cpu``) and its calibration
+        (``ref_cpu``), each NaN where not measured; the largest robust CV of the rows' repeats on
+        each clock (``cv_wall`` from p20/p80, ``cv_cpu`` from the raw CPU samples); the repeats."""
+        pos = self._ok.get(cell, np.array([], int))
+        out = {k: gmean(self._col[c][pos]) if c in self._col and len(pos) else math.nan
+               for k, c in (("wall", JUDGED_TIME), ("ref", "ref_ms"), ("cpu", "cpu_ms"),
+                            ("ref_cpu", "ref_cpu_ms"))}
+        rep = self.rep_sigma(cell, JUDGED_TIME)
+        out["cv_wall"] = float(rep.max()) if len(rep) else math.nan
+        cvs = [robust_cv(self._cpu_samples[i]) for i in pos] if self._cpu_samples is not None else []
+        cvs = [c for c in cvs if math.isfinite(c)]
+        out["cv_cpu"] = max(cvs) if cvs else math.nan
+        n = self._col["n_rep"][pos] if "n_rep" in self._col and len(pos) else np.array([])
+        n = n[np.isfinite(n) & (n > 0)]
+        out["n_rep"] = float(n.min()) if len(n) else 1.0
+        return out
+
 
 def _is_paired(vb, vn) -> bool:
     """Both runs succeeded on the same seed indices (each once)."""
-    (ib, _), (in_, _) = vb, vn
+    ib, in_ = vb[0], vn[0]
     return len(ib) == len(in_) and len(np.unique(ib)) == len(ib) and bool((ib == in_).all())
 
 
@@ -284,58 +405,91 @@ def _status_row(sb: np.ndarray, sn: np.ndarray) -> dict | None:
         return None
 
     def text(statuses, failed):
-        worst = "error" if (statuses == "error").any() else "oom"
+        worst = next((s for s in ("error", "nonfinite", "oom") if (statuses == s).any()), "")
         return f"{worst} on {int(failed.sum())}/{len(statuses)} seeds" if failed.any() else "ok"
 
     verdict = "fails now" if failed_n.any() else "fixed"
-    return dict(metric="status", base=math.nan, new=math.nan, ratio=math.nan, noise=math.nan, z=math.nan,
+    return dict(metric="status", base=math.nan, new=math.nan, ratio=math.nan, ratio_ref=math.nan,
+                ref_ratio=math.nan, noise=math.nan, z=math.nan, cv=math.nan,
                 n_base=int((sb == "ok").sum()), n_new=int((sn == "ok").sum()),
                 paired=False, verdict=verdict, regression=verdict == "fails now",
                 note=f"{text(sb, failed_b)} -> {text(sn, failed_n)}")
 
 
-def _compare(vb, vn, metric: str, pooled: dict, rep, threshold: float, z_crit: float) -> dict:
+def _compare(vb, vn, metric: str, pooled: dict, rep, threshold: float, z_crit: float, *,
+             spread: dict | None = None, clock: dict | None = None) -> dict:
     """Ratio, noise, z and verdict of one metric of one cell (see the module docstring).
 
-    ``vb``, ``vn``: (seed indices, values) of BASE and NEW; ``rep``: per-seed relative repeat sigmas.
+    ``vb``, ``vn``: (seed indices, values, between-run variance) of BASE and NEW; ``rep``: per-row
+    relative repeat sigmas; ``spread``: the cross-cell spread of ``cell_spread``; ``clock``: what
+    a time verdict is judged on (``_clock``), None for other metrics.
     """
     paired = _is_paired(vb, vn)
-    vb, vn = vb[1], vn[1]
-    mb, mn = float(vb.mean()), float(vn.mean())
-    sign = -1.0 if metric in METRICS and not METRICS[metric].lower_is_better else 1.0
-    if mb > 0 and mn > 0 and (vb > 0).all() and (vn > 0).all():
+    (_, b, between_b), (_, n, between_n) = vb, vn
+    mb, mn = float(b.mean()), float(n.mean())
+    kind = KINDS.get(metric, "error")
+    sign = metric_sign(metric)
+    floor = REL_FLOOR[kind]
+    sb, sn = rep
+    ratio = mn / mb if mb else (1.0 if mn == 0 else math.inf)
+    ratio_ref = ref_ratio = math.nan
+    cv = float(max(sb.max(initial=0.0), sn.max(initial=0.0))) if len(sb) or len(sn) else math.nan
+    notes = []
+    if mb > 0 and mn > 0 and (b > 0).all() and (n > 0).all():
         change = math.log(mn / mb)  # > 0: larger in NEW
         if paired:
-            r = np.log(vn) - np.log(vb)
+            r = np.log(n) - np.log(b)
             own = float(np.std(r, ddof=1) / math.sqrt(len(r))) if len(r) > 1 else 0.0
             pool = math.sqrt(pooled["paired"] / len(r)) if pooled["paired"] is not None else 0.0
         else:
-            lb, ln = np.log(vb), np.log(vn)
+            lb, ln = np.log(b), np.log(n)
             own = math.sqrt(_var(lb) / len(lb) + _var(ln) / len(ln))
             pool = (math.sqrt(pooled["unpaired"] * (1 / len(lb) + 1 / len(ln)))
                     if pooled["unpaired"] is not None else 0.0)
-        noise = max(own, pool)
-        if noise < 1e-12:  # identical per-seed ratios differ only by rounding: no noise
-            noise = 0.0
-        sb, sn = rep
-        if len(sb) and len(sn):
-            noise = max(noise, math.sqrt(np.mean(sb**2) / len(sb) + np.mean(sn**2) / len(sn)))
-    else:  # zeros (an exact baseline's error): linear change, no noise model
-        change = (mn - mb) / abs(mb) if mb else (0.0 if mn == mb else math.copysign(math.inf, mn - mb))
-        noise = 0.0
-    worse = sign * change
-    z = worse / noise if noise > 0 else (0.0 if worse == 0 else math.copysign(math.inf, worse))
-    ratio = mn / mb if mb else (1.0 if mn == 0 else math.inf)
-    rel_worse = sign * (ratio - 1.0) if math.isfinite(ratio) else math.inf
+        repeat = (math.sqrt(np.mean(sb**2) / len(sb) + np.mean(sn**2) / len(sn))
+                  if len(sb) and len(sn) else 0.0)
+        judged_abs = judged = change
+        if clock is not None:  # time: the judged clock, against its calibration kernel
+            cv = clock["cv"]
+            repeat = clock["se"]
+            judged_abs, with_ref = judged_log_ratio(clock)
+            judged = judged_abs
+            if math.isfinite(with_ref):
+                ref_ratio = clock["ref_new"] / clock["ref_base"]
+                judged = with_ref
+                ratio_ref = math.exp(with_ref)
+            if clock["clock"] == "cpu":
+                notes.append(f"judged on CPU time x{math.exp(judged_abs):.2f}")
+        cells = (spread or {}).get("log") or 0.0
+        noise = max(own, pool, repeat, math.sqrt(between_b + between_n), cells, floor)
+    else:  # zeros (an exact baseline's error): linear change relative to the larger value
+        top = max(abs(mb), abs(mn))
+        judged_abs = judged = (mn - mb) / top if top else 0.0
+        noise = floor
+    worse = sign * judged
+    z = worse / noise
+    rel = sign * math.expm1(judged) if math.isfinite(ratio) and mb > 0 and mn > 0 else math.inf
+    rel_abs = sign * math.expm1(judged_abs) if math.isfinite(rel) else math.inf
     beyond_floor = abs(mn - mb) > ABS_FLOOR.get(metric, ERROR_FLOOR)
-    if abs(rel_worse) <= threshold or not beyond_floor:
+    timed = kind == "time"
+    if abs(rel) <= threshold or not beyond_floor:
         verdict = "same"
+    elif timed and cv > CV_MAX:
+        verdict = "noisy"
+        notes.append(f"repeats scatter {cv:.0%} > {CV_MAX:.0%}")
+    elif timed and math.isfinite(ref_ratio) and abs(math.log(ref_ratio)) > math.log1p(REF_AGREE):
+        verdict = "noisy"
+        notes.append(f"calibration kernel x{ref_ratio:.2f} between the runs: machine speed changed")
     elif abs(z) <= z_crit:
         verdict = "noisy"
+    elif worse > 0 and rel_abs <= threshold:
+        verdict = "noisy"
+        notes.append("worse against the calibration kernel only")
     else:
         verdict = "REGRESSION" if worse > 0 else "improved"
-    return dict(metric=metric, base=mb, new=mn, ratio=ratio, noise=noise, z=z, n_base=len(vb), n_new=len(vn),
-                paired=paired, verdict=verdict, regression=verdict == "REGRESSION", note="")
+    return dict(metric=metric, base=mb, new=mn, ratio=ratio, ratio_ref=ratio_ref, ref_ratio=ref_ratio,
+                noise=noise, z=z, cv=cv, n_base=len(b), n_new=len(n), paired=paired, verdict=verdict,
+                regression=verdict == "REGRESSION", note="; ".join(notes))
 
 
 def _var(v: np.ndarray) -> float:
@@ -351,25 +505,28 @@ def _num(x: float, metric: str) -> str:
 
 
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
-    """The comparison as aligned text (or Markdown): cell, metric, base, new, ratio, noise, z, verdict."""
-    header = ["cell", "metric", "base", "new", "ratio", "noise (1σ)", "z", "seeds", "verdict"]
+    """The comparison as aligned text (or Markdown): cell, metric, base, new, ratio, ratio against
+    the calibration kernel, noise, z, seeds, verdict and a note."""
+    header = ["cell", "metric", "base", "new", "ratio", "vs ref", "noise (1σ)", "z", "seeds", "verdict",
+              "note"]
     lines = []
     for _, r in table.iterrows():
         seeds = f"{r['n_base']}/{r['n_new']}" + (" paired" if r["paired"] else "")
         if r["metric"] == "status":
             before, after = r["note"].split(" -> ")
-            lines.append([r["label"], "status", before, after, "", "", "", seeds, r["verdict"]])
+            lines.append([r["label"], "status", before, after, "", "", "", "", seeds, r["verdict"], ""])
             continue
         unit = METRICS[r["metric"]].unit if r["metric"] in METRICS else ""
         lines.append([
             r["label"], r["metric"] + (f" [{unit}]" if unit else ""),
             _num(r["base"], r["metric"]), _num(r["new"], r["metric"]),
             f"{r['ratio']:.3f}" if np.isfinite(r["ratio"]) else "inf",
+            f"{r['ratio_ref']:.3f}" if np.isfinite(r["ratio_ref"]) else "",
             f"±{100 * r['noise']:.1f}%" if np.isfinite(r["noise"]) else "—",
-            f"{r['z']:.1f}" if np.isfinite(r["z"]) else ("inf" if r["z"] > 0 else "-inf"),
-            seeds, r["verdict"],
+            f"{r['z']:.1f}" if np.isfinite(r["z"]) else "—",
+            seeds, r["verdict"], r["note"] or "",
         ])
-    right = {2, 3, 4, 5, 6}
+    right = {2, 3, 4, 5, 6, 7}
     if markdown:
         rule = "|" + "|".join("---:" if i in right else ":---" for i in range(len(header))) + "|"
         body = ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines]

@@ -19,14 +19,16 @@ and copied to the other seeds with their own draw, which is exactly what fitting
 gives; their ``fit_ms`` is that one fit's.
 
 Failures: an unsupported estimator/size pair is ``skipped`` with its reasons; running out of
-memory is ``oom``; anything else is ``error`` with the exception's message (``run_cell`` never
-raises but for Ctrl-C).
+memory is ``oom``; an attention output holding NaN or Inf is ``nonfinite`` (the seed's row keeps
+its numbers, with a message counting the bad values); anything else is ``error`` with the
+exception's message (``run_cell`` never raises but for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ def seed_rows(suite: Suite, cell: Cell) -> list[dict]:
     return [{**base, "seed": seed, "seed_index": i} for i, seed in enumerate(cell.seeds)]
 
 
-def _measure(fn, suite: Suite, device: torch.device, tokens: int) -> dict:
+def _measure(fn, suite: Suite, device: torch.device, tokens: int, name: str) -> dict:
     t = suite.timing
     out: dict = {}
     if not t.enabled:
@@ -150,6 +152,7 @@ def _measure(fn, suite: Suite, device: torch.device, tokens: int) -> dict:
         gpu_timer=t.gpu_timer,
         gpu_warmup_ms=t.gpu_warmup_ms,
         gpu_rep_ms=t.gpu_rep_ms,
+        name=name,
     )
     out.update(
         time_ms=timing.median_ms,
@@ -157,10 +160,32 @@ def _measure(fn, suite: Suite, device: torch.device, tokens: int) -> dict:
         time_ms_p80=timing.p80_ms,
         n_rep=timing.n_rep,
         tokens_per_s=tokens / (timing.median_ms / 1e3) if timing.median_ms > 0 else math.nan,
+        time_samples_ms=_json_ms(timing.samples_ms),
+        time_cv=timing.cv,
+        ref_ms=timing.ref_ms,
+        ref_samples_ms=_json_ms(timing.ref_samples_ms),
+        cpu_ms=timing.cpu_ms,
+        cpu_cv=timing.cpu_cv,
+        cpu_samples_ms=_json_ms(timing.cpu_samples_ms),
+        ref_cpu_ms=timing.ref_cpu_ms,
+        ref_cpu_samples_ms=_json_ms(timing.ref_cpu_samples_ms),
     )
     if t.memory:
-        out["peak_mem_bytes"] = float(X.peak_memory(fn, device))
+        out["peak_mem_bytes"] = float(X.peak_memory(fn, device, name=name))
     return out
+
+
+def _json_ms(samples) -> str:
+    """Raw samples as a JSON list of milliseconds, to the nanosecond (the timer's resolution)."""
+    return json.dumps([round(float(x), 6) for x in samples])
+
+
+def _note_nonfinite(row: dict, out: torch.Tensor) -> None:
+    """Status "nonfinite" and a message when the attention output holds NaN or Inf (issue 15)."""
+    msg = X.nonfinite_message(out)
+    if msg:
+        row["status"] = "nonfinite"
+        row["message"] = "; ".join(filter(None, [row.get("message", ""), msg]))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -169,9 +194,12 @@ def run_baseline_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dict
     fn = baselines.get(cell.name).make(q, ctx.k, ctx.v, ctx.scale, cell.causal)
     row = seed_rows(suite, cell)[0]
     row["target"] = "softmax"
+    out = fn()
+    _note_nonfinite(row, out)
     if suite.metrics.output:
-        row["out_rel_err"] = M.relative_error(fn(), ctx.out_ref)
-    row.update(_measure(fn, suite, q.device, cell.source.batch * cell.source.heads * q.shape[-2]))
+        row["out_rel_err"] = M.relative_error(out, ctx.out_ref)
+    del out
+    row.update(_measure(fn, suite, q.device, cell.source.batch * cell.source.heads * q.shape[-2], cell.name))
     return [row], {}
 
 
@@ -227,18 +255,19 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
         row["target"] = est.target
         ests.append(est)
 
-        def forward(est=est):
-            return est.attention(q, k, v, causal, scale=scale)
+        def forward(est=est):  # inputs validated once below: the timed loop skips the NaN/Inf scan
+            return est.attention(q, k, v, causal, scale=scale, check=False)
 
+        out = est.attention(q, k, v, causal, scale=scale)  # checked: validates q, k, v once
+        _note_nonfinite(row, out)
         if suite.metrics.output:
-            out = forward()
             row["out_rel_err"] = M.relative_error(out, ctx.out_ref)
             if est.target != "softmax":
                 ref = _target_output(est, ctx, causal, target_refs)
                 row["target_out_rel_err"] = math.nan if ref is None else M.relative_error(out, ref)
-            del out
+        del out
         if i == 0 or suite.timing.all_seeds:
-            row.update(_measure(forward, suite, device, tokens))
+            row.update(_measure(forward, suite, device, tokens, cell.name))
     stats: dict = {}
     if curves:
         stats["fit_curves"] = curves

@@ -9,6 +9,18 @@ of the CPU speed check.
 Stabilisers (``rfbench.ops.features.naive.stabiliser_constant``; each exact): a per-query max
 (cancels in its own row), one key constant shared by all keys (non-causal), the prefix max over
 keys s <= t (causal: no output depends on a later token, not even through rounding).
+
+The shared key constant makes the largest key term 1 and the per-query max the largest query
+term 1, but not the largest term of a denominator sum_f phi_f(q) sum_s phi_f(k_s): at large
+logits (q, k norms 64, d = 64) the feature where the query peaks is one where every key is far
+below the keys' overall max, so the whole sum underflows to 0 and the output is 0/0. Where a
+non-causal denominator underflows (small enough that terms flushed to zero may matter, or not
+finite; ``_underflowed``), those rows are recomputed with one key constant per feature,
+c_f = max_s l_f(k_s), moved onto the query side: phi_f(q) phi_f(k) = e^(l_f(q) + c_f)
+e^(l_f(k) - c_f), exact. The query's largest term is then 1 at some f*, and the keys' sum at f*
+is >= 1 (the key attaining c_f* gives 1), so the denominator is >= 1 (``per_feature_attention``).
+Every other row is left as it was, to the bit. Causal attention keeps its prefix constants (a per-feature
+prefix max would need a per-feature decay inside each chunk).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import math
 
 import torch
 
-from rfbench.ops.features.naive import naive_features
+from rfbench.ops.features.naive import log_features, naive_features
 from rfbench.ops.form import ExpForm
 
 
@@ -114,10 +126,51 @@ def torch_rf_attention(
     chunk: int = 128,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Linear-time torch path: O(L F (d + dv)) time, ``[..., L, F]`` features in memory."""
+    """Linear-time torch path: O(L F (d + dv)) time, ``[..., L, F]`` features in memory.
+
+    Non-causal rows whose denominator underflowed (a 0/0, or terms flushed to zero) are
+    recomputed with per-feature key constants (``per_feature_attention``; module docstring)."""
     Q, _ = naive_features(q, form, "row", dtype, is_query=True)
     K, mk = naive_features(k, form, "prefix" if causal else "shared", dtype)
-    return linear_attention(Q, K, mk, v.to(dtype), causal, chunk)
+    out = linear_attention(Q, K, mk, v.to(dtype), causal, chunk)
+    if not causal:
+        bad = _underflowed(Q @ K.sum(dim=-2).unsqueeze(-1), K.shape[-2] * K.shape[-1])  # [..., Lq, 1]
+        if bool(bad.any()):
+            sign = None if form.sign is None else form.sign.to(device=q.device, dtype=dtype)
+            alt = per_feature_attention(log_features(q, form, dtype), log_features(k, form, dtype),
+                                        v.to(dtype), sign)
+            out = torch.where(bad, alt, out)
+    return out
+
+
+def per_feature_attention(
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, sign: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Non-causal RF attention ``[..., Lq, dv]`` from log-features with one key constant per
+    feature (exact; its denominator is >= 1 for unsigned maps, see the module docstring).
+
+    lq ``[..., Lq, F]``, lk ``[..., Lk, F]`` (log |phi|), v ``[..., Lk, dv]``, ``sign`` ``[..., F]``
+    or None. Holds ``[..., L, F]`` matrices: the fallback for the rows whose shared-constant
+    denominator underflowed, not the fast path.
+    """
+    c = lk.amax(dim=-2, keepdim=True)  # [..., 1, F]: c_f, the largest key log-feature of feature f
+    c = c.masked_fill(c == -math.inf, 0.0)  # a feature that is 0 for every key stays 0
+    K = torch.exp(lk - c)  # <= 1, and 1 for the key attaining c_f
+    a = lq + c  # c_f moved onto the query side: the product is unchanged
+    r = a.amax(dim=-1, keepdim=True)  # a per-query constant: cancels in its own row
+    Q = torch.exp(a - r.masked_fill(r == -math.inf, 0.0))
+    if sign is not None:
+        Q = Q * sign
+    return (Q @ (K.transpose(-1, -2) @ v)) / (Q @ K.sum(dim=-2).unsqueeze(-1))
+
+
+def _underflowed(den: torch.Tensor, n_terms: int) -> torch.Tensor:
+    """Where a denominator of ``n_terms`` (Lk x F) terms may have lost more than a rounding error
+    to terms flushed below the dtype's smallest normal number: those lose at most
+    n_terms x tiny, so below n_terms x tiny / eps (1.6e-24 in float32 at Lk = 16k, F = 512), or
+    not finite. Far below any denominator of ordinary logits, whose largest term is near 1."""
+    fi = torch.finfo(den.dtype)
+    return ~(den.abs() >= n_terms * fi.tiny / fi.eps)
 
 
 # --------------------------------------------------------------------------- the CPU/torch fast path
@@ -209,12 +262,25 @@ def blocked_rf_attention(
         ST = ST * torch.exp(c - c_eff)[..., None, None] + vw @ E
         c = c_new
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
+    rescue = []  # query blocks with an underflowed denominator (module docstring)
     for i in range(0, q.shape[-2], block):
         Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias)  # per-query constant dropped: it cancels
         if sign is not None:
             Q.mul_(sign)
         nd = Q @ ST.transpose(-1, -2)
         torch.div(nd[..., :-1], nd[..., -1:], out=out[..., i : i + block, :])
+        bad = _underflowed(nd[..., -1:], k.shape[-2] * F)
+        if bool(bad.any()):
+            rescue.append((i, bad))
+    if rescue:
+        lk = k @ Wt + (_row_term(k, form, b0).unsqueeze(-1) if bias is None else
+                       bias.unsqueeze(-2) + _row_term(k, form, b0).unsqueeze(-1))
+        for i, bad in rescue:
+            qb = q[..., i : i + block, :]
+            lq = qb @ Wt if bias is None else qb @ Wt + bias.unsqueeze(-2)
+            alt = per_feature_attention(lq, lk, v1[..., :-1], sign)
+            sl = out[..., i : i + block, :]
+            sl.copy_(torch.where(bad, alt.expand_as(sl), sl))
     return out
 
 
