@@ -87,7 +87,7 @@ def test_random_kill_points_then_resume(tmp_path):
     assert set(df["status"]) == {"ok"}
     runs = R.load_meta(out).runs
     assert [r["resume"] for r in runs] == [False] + [True] * KILLS
-    assert [r["status"] for r in runs][:KILLS] == ["running"] * KILLS and runs[-1]["status"] == "finished"
+    assert [r["status"] for r in runs][:KILLS] == ["died"] * KILLS and runs[-1]["status"] == "finished"
 
     untimed = SUITE.split("[timing]")[0] + "[timing]\nenabled = false\nthreads = 1\n"
     whole = R.load_results(runner.run_suite(parse_suite(untimed), tmp_path / "whole", progress=False))
