@@ -31,6 +31,7 @@ FEATURE_MAPS: dict[str, str] = {
     "maclaurin": "rfbench.features.maclaurin:RandomMaclaurin",
     "taylor2": "rfbench.features.taylor:Taylor2",
     "hybrid": "rfbench.features.hybrid:AngularHybrid",
+    "lara": "rfbench.features.lara:LARA",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {
