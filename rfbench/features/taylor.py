@@ -51,6 +51,11 @@ class Taylor2(FeatureMap):
     description = "deterministic 2nd-order Taylor map 1 + x.y + (x.y)^2/2 (Based); biased baseline"
     reference = "Arora et al., Based, ICML 2024, Sec. 3.1 (Taylor feature map)"
 
+    @staticmethod
+    def fixed_num_features(d: int) -> int:
+        """The only ``num_features`` this map takes at dimension d (generic callers read this)."""
+        return taylor2_size(d)
+
     def _weights_reason(self, weights: WeightMatrix) -> str:
         return f"taylor2 draws nothing; a weight matrix ({weights.name!r}) does not apply; use taylor2-iid"
 
