@@ -54,6 +54,10 @@ def terminal(a: Audit) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal | inside a markdown table cell
+
+
 def markdown(audits: list[Audit]) -> str:
     out = ["# rfbench audit", ""]
     for a in audits:
@@ -62,7 +66,7 @@ def markdown(audits: list[Audit]) -> str:
             out += [f"Skipped: {r}" for r in a.skipped] + [""]
             continue
         out += ["| check | figure | verdict |", "|---|---|---|"]
-        out += [f"| {c.check} | {c.figure.replace('|', '/')} | {c.verdict} |" for c in a.checks]
+        out += [f"| {c.check} | {_cell(c.figure)} | {c.verdict} |" for c in a.checks]
         out.append("")
     return "\n".join(out)
 
