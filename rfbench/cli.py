@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("rfbench.report.compare", "compare two results folders; exit 1 on a regression"),
     "capture": ("rfbench.data.capture", "capture queries/keys/values from a local pretrained model"),
     "describe": ("rfbench.data.describe", "norms and anisotropy of captured queries/keys"),
+    "audit": ("rfbench.audit.report", "conformance checks of an RF attention implementation"),
 }
 
 LIST_WHAT = ("feature-maps", "weight-matrices", "estimators", "suites")

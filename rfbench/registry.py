@@ -28,6 +28,10 @@ FEATURE_MAPS: dict[str, str] = {
     "darkis": "rfbench.features.dark:DARKIS",
     "darkl": "rfbench.features.dark_learned:DARKLearned",
     "relu": "rfbench.features.relu:ReLU",
+    "maclaurin": "rfbench.features.maclaurin:RandomMaclaurin",
+    "taylor2": "rfbench.features.taylor:Taylor2",
+    "hybrid": "rfbench.features.hybrid:AngularHybrid",
+    "lara": "rfbench.features.lara:LARA",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {

@@ -21,8 +21,9 @@ from rfbench.errors import UnsupportedError
 from rfbench.features.base import FeatureMap
 from rfbench.weights.base import WeightMatrix, normal
 
-#: (d, m): a common size, an odd m (antithetic refuses it), m < d (moment matching refuses it).
-SIZES = [(8, 16), (8, 7), (6, 4)]
+#: (d, m): a common size, an odd m (antithetic refuses it), m < d (moment matching refuses it),
+#: and taylor2's one size at d = 2 (1 + d + d(d+1)/2 = 6).
+SIZES = [(8, 16), (8, 7), (6, 4), (2, 6)]
 
 MUST_REFUSE = [
     "poisrf-orf", "poisrf-antithetic", "poisrf-fastfoodl", "geomrf-sorf", "geomrf-qmc", "geomrf-simrf",

@@ -18,6 +18,7 @@ import rfbench as rb
 from rfbench import ops
 from rfbench.errors import UnsupportedError
 from rfbench.estimator import Estimator
+from rfbench.features.taylor import taylor2_size
 from rfbench.ops.features.naive import log_features, naive_features, stabiliser_constant
 from rfbench.ops.form import ExpForm
 from rfbench.registry import get_feature_map
@@ -116,6 +117,19 @@ def _sderf(W, x, Q, a):
     return Dc * torch.exp(quad + x @ (W @ B).T - 0.5 * (x * x).sum(-1, keepdim=True))
 
 
+def _lara(W, x, mu):
+    # LARA-style MIS (balance heuristic): omega_i = g_i + mu_(i mod C), weight sqrt(N / qbar)
+    C, m, d = mu.shape[0], W.shape[0], x.shape[-1]
+    omega = W + mu[torch.arange(m) % C]
+    n_c = torch.bincount(torch.arange(m) % C, minlength=C).to(F64)
+    eye = torch.eye(d, dtype=F64)
+    dens = [torch.distributions.MultivariateNormal(c, eye).log_prob(omega).exp() for c in mu]
+    qbar = sum(n / m * p for n, p in zip(n_c, dens))
+    p0 = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64))
+    w = torch.sqrt(p0.log_prob(omega).exp() / qbar)
+    return w * torch.exp(x @ omega.T - 0.5 * (x * x).sum(-1, keepdim=True))
+
+
 def _textbook(name, fm, W, x, params):
     if name == "posrf":
         return _posrf(W, x)
@@ -137,6 +151,8 @@ def _textbook(name, fm, W, x, params):
         if fm.params["mode"] == "aligned":
             return _dark(W, x, M)
         return _importance(W @ M, x, M.T @ M)  # omega = M^T w ~ N(0, M^T M)
+    if name == "lara":
+        return _lara(W, x, params["mu"])
     raise KeyError(name)
 
 
@@ -151,6 +167,7 @@ TEXTBOOK = [
     ("darkis", {}),
     ("darkl", {"mode": "aligned"}),
     ("darkl", {"mode": "is", "init": "proposal"}),
+    ("lara", {"proposals": 3}),
 ]
 
 
@@ -174,7 +191,8 @@ def test_every_exponential_map_has_a_textbook_check():
     """A map with an ExpForm is checked above against its paper's formula (add one for a new map)."""
     covered = {n for n, _ in TEXTBOOK}
     for name in rb.feature_maps():
-        est = rb.make_estimator(f"{name}-iid", dim=D, num_features=4)
+        m = taylor2_size(D) if name == "taylor2" else 4  # the deterministic map has one size
+        est = rb.make_estimator(f"{name}-iid", dim=D, num_features=m)
         q = _x(6, D, seed=1).float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # whitening 6 tokens in d = 8
