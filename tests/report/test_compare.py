@@ -291,3 +291,33 @@ def test_cross_cell_spread_is_robust_to_a_minority_of_regressions():
     # robust spread stays below twice the scatter, so the other cells keep a usable noise
     assert np.std(logs) > 0.35 and cell_spread("peak_mem_bytes", worse, {})["log"] < 0.2
     assert cell_spread("kernel_rel_mse", base, {})["log"] is None  # errors: per-seed spread instead
+
+
+def test_a_lone_cell_time_verdict_needs_its_estimator_row():
+    """One cell's time regression stands only when its estimator's all-cells row agrees, or when
+    it lies beyond LONE_CELL_Z x the critical z (a cliff at one size); memory and error rows are
+    never touched."""
+    from rfbench.report.compare import LONE_CELL_Z, _corroborate
+
+    def row(metric="time_ms", verdict="REGRESSION", z=5.0):
+        return {"metric": metric, "verdict": verdict, "regression": verdict == "REGRESSION", "z": z,
+                "note": ""}
+
+    lone = row()
+    _corroborate(lone, "same", z_crit=3.5)
+    assert lone["verdict"] == "noisy" and not lone["regression"] and "all-cells time is same" in lone["note"]
+    agreed = row()
+    _corroborate(agreed, "REGRESSION", z_crit=3.5)
+    assert agreed["verdict"] == "REGRESSION" and agreed["regression"]
+    cliff = row(z=LONE_CELL_Z * 3.5 + 0.1)
+    _corroborate(cliff, "same", z_crit=3.5)
+    assert cliff["verdict"] == "REGRESSION"
+    faster = row(verdict="improved", z=-5.0)
+    _corroborate(faster, "same", z_crit=3.5)
+    assert faster["verdict"] == "noisy"
+    memory = row(metric="peak_mem_bytes")
+    _corroborate(memory, "same", z_crit=3.5)
+    assert memory["verdict"] == "REGRESSION"
+    no_group = row()
+    _corroborate(no_group, None, z_crit=3.5)
+    assert no_group["verdict"] == "REGRESSION"
