@@ -26,7 +26,7 @@ below a stated floor, so it is never zero and z is never infinite:
   median absolute deviation of their log-ratios about the median (robust: a regression in a
   minority of cells does not inflate it). It is what one cell's ratio scatters by when nothing
   changed, measured in this very comparison;
-- floor: ``REL_FLOOR`` per metric kind: time 10 % (5 % for an estimator's all-cells row), memory
+- floor: ``REL_FLOOR`` per metric kind: time 10 % (6 % for an estimator's all-cells row), memory
   1 %, errors 1 %. Memory repeats to the
   byte on the CPU (rfbench.suite.measure's allocation tracker) and on CUDA, so only the floor
   is left there: 2x more memory is z ~ 70.
@@ -215,7 +215,7 @@ def compare_runs(
     z_crit = NormalDist().inv_cdf(1 - alpha / max(len(measured) + len(groups), 1))
     group_verdicts = {}
     for name, members in groups.items():
-        rows.append(group_row(name, members, threshold, z_crit))
+        rows.append(group_row(name, members, threshold, z_crit, ABS_FLOOR[JUDGED_TIME]))
         group_verdicts[name] = rows[-1]["verdict"]
     estimator = cells["estimator"].astype(str)
     for cell, metric, vb, vn, pooled, spread, clock in measured:

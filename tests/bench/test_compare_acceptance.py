@@ -62,8 +62,10 @@ def test_back_to_back_runs_of_one_commit_give_no_regression(tmp_path, capsys):
         code, out = _compare(capsys, a, b)
         table, _ = compare_runs(a, b)
         verdicts = table.groupby("metric")["verdict"].value_counts().to_dict()
+        bad = table[table["regression"]]
         entry = {"pair": i, "exit": code, "regressions": int(table["regression"].sum()),
-                 "verdicts": {f"{m}:{v}": int(n) for (m, v), n in verdicts.items()}}
+                 "verdicts": {f"{m}:{v}": int(n) for (m, v), n in verdicts.items()},
+                 "flagged": [f"{r.label} {r.metric} x{r.ratio:.3f} z={r.z:.1f}" for r in bad.itertuples()]}
         FIGURES["pairs"].append(entry)
         _record("pairs", FIGURES["pairs"])
         per_pair.append(entry["regressions"])
