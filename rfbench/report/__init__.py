@@ -98,10 +98,12 @@ def load_run(path: str | Path, with_summary: bool = True) -> Run:
     notes = list(tables.notes)
     summary = tables.summary if with_summary else pd.DataFrame(columns=tables.results.columns)
     meta = Meta(document={})
-    if (path / META_FILE).is_file():
+    try:
         meta = read_meta(path)
-    else:
-        notes.append("meta.json is missing: versions, device and times are unknown")
+    except DataError as exc:  # the rows are intact: report them, and say what is unknown
+        broken = "is missing" if not (path / META_FILE).exists() else f"cannot be read ({exc})"
+        notes.append(f"meta.json {broken}: versions, device and times are unknown "
+                     "(`rfbench run SUITE --out DIR --resume` writes it again)")
     return Run(path=path, results=tables.results, summary=summary, meta=meta, notes=notes)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def test_skipped_figures_are_listed_with_their_reason(tmp_path):
     assert "Not drawn, because the run lacks their data" in html
     assert "single sequence length" in html
     assert "meta.json is missing" in html
+
+
+def test_a_broken_meta_json_without_run_records_still_reports(tmp_path):
+    """The rows are intact, so a truncated meta.json of a folder with no runs/ to rebuild it from
+    costs only the metadata, said in the report, not the report."""
+    run = make_run(tmp_path / "run", **SMALL)
+    shutil.rmtree(run / "runs", ignore_errors=True)
+    (run / "meta.json").write_text('{"suite": {"name": "qu')
+    assert main_entry(["report", str(run), "--no-svg", "--dpi", "40"]) == 0
+    html = (run / "report.html").read_text()
+    assert "meta.json cannot be read" in html and "--resume" in html
 
 
 def test_missing_folder_and_bad_options_exit_2_with_one_line(tmp_path, capsys):
