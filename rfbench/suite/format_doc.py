@@ -94,7 +94,7 @@ MEANINGS: dict[str, tuple[str, str | None, str]] = {
     "timing.threads": ("int ≥ 0", None, "torch CPU threads for the run (0: torch's default)"),
     "fit.holdout": ("number in (0, 1)", None, "share of each cell's tokens held out for measurement"),
     "fit.holdout_split": ("string", None, "`tail` (the last tokens, causal-safe) or `blocks`"),
-    "fit.objective": ("string", None, "`attention`, `kernel` or `variance` (`darkl` with `mode = \"is\"`)"),
+    "fit.objective": ("string", None, "`attention`, `kernel`, `variance` (`darkl` with `mode = \"is\"`) or `crossentropy` (attention-weight distillation, as Hedgehog)"),
     "fit.steps": ("int ≥ 1", None, "Adam steps, at most"),
     "fit.lr": ("positive number", None, "Adam learning rate"),
     "fit.batch_tokens": ("int ≥ 2", None, "training tokens per step"),
