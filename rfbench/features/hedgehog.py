@@ -70,7 +70,7 @@ class Hedgehog(FeatureMap):
         """``{"rms": [..., 1, 1]}``: the RMS norm of the pooled scaled queries and keys (the init's scale)."""
         ms = torch.cat([sq_norm(q), sq_norm(k)], dim=-2).mean(dim=-2, keepdim=True)
         if not bool((ms > 0).all()):
-            raise EstimatorError("hedgehog: the fit tokens are all zero; its initialisation needs nonzero q, k")
+            raise EstimatorError("hedgehog: the fit tokens are all zero; its init needs nonzero q, k")
         return {"rms": ms.sqrt()}
 
     # ------------------------------------------------------------------ learnable protocol

@@ -26,6 +26,7 @@ import pandas as pd
 
 from rfbench.report import METRICS, Run, safe_dir
 from rfbench.report.analysis import (
+    baseline_level,
     baselines_for,
     board_slices,
     describe_slice,
@@ -132,6 +133,7 @@ def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool 
     ranks = (noise_ranks(ranked[key], ranked[lo] if lo else np.nan, ranked[hi] if hi else np.nan)
              if key else np.arange(1, len(ranked) + 1))
     floor = uniform_floor(run.summary, "out_rel_err", fixed)
+    taylor = baseline_level(run.summary, "out_rel_err", fixed, "taylor2")
     columns = ["rank", "estimator", "m"] + [METRICS[m].header() for m in metrics] + ["seeds", "status"]
     out, status = [], []
     shared = {r for r in ranks if list(ranks).count(r) > 1}
@@ -164,6 +166,10 @@ def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool 
         caption += (f" {n_worse} of {len(ranked)} ranked estimators have a mean output error above the "
                     f"uniform baseline's ({fmt(floor)}: every query gets the mean of the values), "
                     "i.e. worse than knowing nothing of q and k.")
+    if taylor is not None:
+        n_above = sum(_mean(r, "out_rel_err") > taylor for _, r in ranked.iterrows())
+        caption += (f" {n_above} of {len(ranked)} have a mean output error above the taylor2 baseline's "
+                    f"({fmt(taylor)}: Based's deterministic Taylor-2 map, biased).")
     caption += " Failed or skipped cells follow unranked with their reason; baselines come last."
     title = "Leaderboard: " + str(fixed.get("data", "all data"))
     if several_causal and "causal" in fixed:
