@@ -191,6 +191,8 @@ def _seeds(r: pd.Series) -> str:
 
 
 HELD_OUT_METRICS = ("out_rel_err", "target_out_rel_err")
+#: The kernel column of the approximate baselines (the others are exact softmax attention).
+BASELINE_KERNELS = {"uniform": "constant", "taylor2": "1 + t + t^2/2 (Taylor-2)"}
 
 
 def is_held_out(run: Run) -> bool:
@@ -263,7 +265,7 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
         base = r[(r["kind"] == "baseline") & (r["status"] == "ok") & r["_v"].notna()]
         for name, g in base.groupby("estimator", sort=True):
             value = fmt(float(g["_v"].mean())) if g["data"].nunique() == n_data else "—"
-            kernel = "softmax" if name in ("exact", "sdpa", "flash") else "constant"
+            kernel = BASELINE_KERNELS.get(name, "softmax")
             rows.append([f"{name} (baseline)", kernel, *[value] * len(ms), "–"])
             status.append("baseline")
     fit_len = _int_values(est, "fit_len")

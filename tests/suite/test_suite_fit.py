@@ -425,6 +425,8 @@ def test_report_leads_with_the_held_out_table(fit_run):
     board = next(t for t in build_tables(run) if t.title.startswith("Leaderboard"))
     assert "above the taylor2 baseline's" in board.caption  # a biased map's level, beside uniform's
     assert any(r[1] == "taylor2 (baseline)" and r[0] == "ref" for r in board.rows)
+    assert rows["taylor2 (baseline)"][1] == "1 + t + t^2/2 (Taylor-2)"
+    assert rows["uniform (baseline)"][1] == "constant"
     assert not is_held_out(Run(out, df.assign(fit_len=0), pd.DataFrame()))  # a run without [fit]
 
 
