@@ -32,6 +32,7 @@ FEATURE_MAPS: dict[str, str] = {
     "taylor2": "rfbench.features.taylor:Taylor2",
     "hybrid": "rfbench.features.hybrid:AngularHybrid",
     "lara": "rfbench.features.lara:LARA",
+    "hedgehog": "rfbench.features.hedgehog:Hedgehog",
 }
 
 WEIGHT_MATRICES: dict[str, str] = {

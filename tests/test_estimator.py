@@ -174,7 +174,8 @@ def test_estimators_full_registry():
         pytest.skip(f"registry modules not written yet: {', '.join(missing)}")
     every = rb.estimators(include_unsupported=True)
     assert every == [f"{f}-{w}" for f in registry.FEATURE_MAPS for w in registry.WEIGHT_MATRICES]
-    discrete = {"poisrf", "geomrf", "maclaurin", "taylor2"}  # draw their own randomness (or none)
+    # draw their own randomness (or none), or take an i.i.d. Gaussian draw as an init (hedgehog)
+    discrete = {"poisrf", "geomrf", "maclaurin", "taylor2", "hedgehog"}
     expected = [n for n in every if n.split("-")[0] not in discrete or n.split("-")[1] == "iid"]
     assert rb.estimators() == expected
     assert {"poisrf-iid", "geomrf-iid", "posrf-iid", "darkl-fastfoodl"} <= set(expected)

@@ -132,7 +132,7 @@ def test_no_component_is_paired_by_its_name():
 def test_learnable_is_declared_on_the_classes():
     learnable_w = [n for n in registry.weight_matrices() if registry.weight_matrix_class(n).learnable]
     learnable_f = [n for n in registry.feature_maps() if registry.feature_map_class(n).learnable]
-    assert learnable_w == ["fastfoodl"] and learnable_f == ["darkl"]
+    assert learnable_w == ["fastfoodl"] and learnable_f == ["darkl", "hedgehog"]
     for n in registry.weight_matrices():
         cls = registry.weight_matrix_class(n)
         assert isinstance(cls.independent_rows, bool) and not hasattr(cls, "coupled"), n

@@ -56,6 +56,8 @@ class FeatureMap:
     data_dependent: ClassVar[bool] = False
     #: True when every tensor of ``fit_params`` is a trainable parameter (rfbench.learning trains them).
     learnable: ClassVar[bool] = False
+    #: True when the trained tensors start from the draw itself (Hedgehog's layer): never redrawn in training.
+    learns_draw: ClassVar[bool] = False
     #: True when the map only works with weight samplers whose rows are N(0, I) marginally.
     needs_gaussian_rows: ClassVar[bool] = True
     #: Names of the only weight matrices this map accepts (None: any that meets the row requirement).

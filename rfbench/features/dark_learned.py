@@ -116,8 +116,8 @@ class DARKLearned(FeatureMap):
         self.target = "softmax" if p["mode"] == "is" else SIGMA_TARGET
 
     # ------------------------------------------------------------------ learnable protocol
-    def learnable_params(self, params: Params) -> Params:
-        """The fitted tensors ``rfbench.learning`` trains: all of them (M's factors)."""
+    def learnable_params(self, params: Params, draw: WeightDraw | None = None) -> Params:
+        """The fitted tensors ``rfbench.learning`` trains: all of them (M's factors; the draw is not one)."""
         return dict(params)
 
     def trained_target(self, params: Params) -> TargetKernel:

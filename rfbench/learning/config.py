@@ -22,7 +22,7 @@ import torch
 
 from rfbench.errors import SpecError
 
-OBJECTIVES = ("attention", "kernel", "variance")
+OBJECTIVES = ("attention", "kernel", "variance", "crossentropy")
 SPLITS = ("blocks", "tail")
 HOLDOUT_KEYS = ("holdout", "holdout_split")
 
@@ -32,7 +32,7 @@ HOLDOUT_KEYS = ("holdout", "holdout_split")
 class FitConfig:
     """How to fit a kernel learner. Validated on construction (SpecError naming the field).
 
-    objective: "attention" | "kernel" | "variance" (see ``rfbench.learning.objectives``).
+    objective: "attention" | "kernel" | "variance" | "crossentropy" (see ``rfbench.learning.objectives``).
     steps: optimiser steps (Adam), > 0.
     lr: Adam learning rate, > 0.
     batch_tokens: training tokens per step (queries and keys); all of them when fewer.

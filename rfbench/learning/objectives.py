@@ -10,6 +10,11 @@ Every objective is evaluated at the attention scale (the estimator sees x * scal
   learns, in closed form (``log_second_moment`` of the feature map: i.i.d. rows, Var1 / m),
   relative as above. Only ``darkl`` with ``mode="is"`` (a learned proposal for exp(q . k)) has
   one; a map that learns its kernel would minimise it by shrinking the kernel to a constant.
+- ``"crossentropy"``: the attention-weight distillation loss of Hedgehog (Zhang et al., ICLR 2024,
+  arXiv 2402.04347, Sec. 4.1), -(1/Lq) sum_ij a_ij log a^_ij with a_ij = softmax_j(q_i . k_j * scale)
+  and a^_ij = K^_ij / sum_j' K^_ij' the estimator's row-normalised weights (positive maps only).
+  Scale-free in the estimate (per-query constants cancel), >= the mean entropy of the a_i (Gibbs),
+  with equality iff a^ = a; a constant kernel scores log Lk.
 
 The estimator is used duck-typed (``params_``, ``log_features``, ``attention``, ``feature_map``,
 ``num_features``): this package never imports ``rfbench.estimator``.
@@ -58,6 +63,20 @@ def rel_mse(log_hat_parts: tuple[torch.Tensor, torch.Tensor], logK: torch.Tensor
     return (num / (t * t).sum(dim=(-2, -1))).mean()
 
 
+def weight_cross_entropy(G: torch.Tensor, logK: torch.Tensor) -> torch.Tensor:
+    """-(1/Lq) sum_ij a_ij log(G_ij / sum_j' G_ij'), averaged over leading indices.
+
+    ``G [..., Lq, Lk]``: nonnegative estimates up to a per-query factor (``kernel_hat``'s first
+    part: its constants cancel in the row normalisation); ``logK``: the exact logits, a = softmax.
+    """
+    a = torch.softmax(logK.detach(), dim=-1)
+    # clamp: a product that underflowed to 0 would give log 0 = -inf (0 * -inf = NaN where a_ij = 0
+    # too); tiny is far below any weight that matters, so the loss changes by nothing measurable
+    G = G.clamp_min(torch.finfo(G.dtype).tiny)
+    log_w = torch.log(G) - torch.log(G.sum(dim=-1, keepdim=True))
+    return -(a * log_w).sum(dim=-1).mean()
+
+
 class Objective:
     """Loss of the estimator's current parameters on (q, k, v) tokens, at the attention scale.
 
@@ -80,6 +99,8 @@ class Objective:
             return ((out - ref) ** 2).sum() / (ref * ref).sum()
         qs, ks = q * self.s, k * self.s
         logK = qs @ ks.transpose(-1, -2)
+        if self.objective == "crossentropy":
+            return weight_cross_entropy(kernel_hat(est, qs, ks, params)[0], logK)
         if self.objective == "kernel":
             return rel_mse(kernel_hat(est, qs, ks, params), logK)
         # variance: closed-form second moment E[Y^2] of one i.i.d. sample, Var = (E[Y^2] - K^2) / m.

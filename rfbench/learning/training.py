@@ -15,8 +15,9 @@ What trains is what the components declare: a feature map or weight matrix whose
 ``learnable = True`` implements the learnable protocol (the estimator's state changes, the
 components never do):
 
-- feature map: ``learnable_params(params) -> Params``, the fitted tensors that train (their
-  starting values; the other fitted tensors stay fixed), and ``trained_target(params) ->
+- feature map: ``learnable_params(params, draw) -> Params``, the tensors that train (their
+  starting values, from the fitted ones and, for a map that ``learns_draw`` such as Hedgehog's
+  layer, from the draw; the other fitted tensors stay fixed), and ``trained_target(params) ->
   TargetKernel``, the kernel the estimator approximates once they are trained;
 - weight matrix: ``learnable_draw(m, d, *, generator, device, dtype) -> (tensors, build)``, the
   starting values of its trainable tensors for the draw ``sample(m, d, generator=...)`` gives,
@@ -32,7 +33,8 @@ M^T w, w ~ N(0, I)): its random vectors are redrawn at every step (default), so 
 any draw; training against one fixed draw lets M fit that draw's accidents (the loss falls on
 that draw, not on the next) and an MC variance on one draw is not a variance. ``fastfoodl``
 learns the *draw itself* (S, G, B of one FastFood matrix; Pi fixed), as in Chowdhury et al.:
-there is nothing to redraw, and held-out early stopping is what guards against overfitting.
+there is nothing to redraw, and held-out early stopping is what guards against overfitting; so
+for a feature map that ``learns_draw`` (Hedgehog: its layer starts from the draw and trains).
 Validation losses use fixed draws (``val_draws`` of them, the same at every evaluation), so the
 validation curve moves only with the parameters.
 
@@ -201,12 +203,19 @@ def _plan(est: EstimatorLike, cfg: FitConfig, v) -> _Plan:
                 f"learns its kernel (target {est.target!r}), which a variance objective would shrink to a "
                 "constant. Use objective 'kernel' or 'attention'"
             )
+    if cfg.objective == "crossentropy" and (fm_learns or wm_learns) and not est.feature_map.positive:
+        raise EstimatorError(
+            f"fit objective 'crossentropy' needs positive features (attention weights to take the log of); "
+            f"{est.feature_map.name} has signed ones. Use objective 'attention' or 'kernel'"
+        )
+    learns_draw = wm_learns or (fm_learns and bool(getattr(est.feature_map, "learns_draw", False)))
     redraw = cfg.redraw
     if redraw is None:
-        redraw = fm_learns and not wm_learns
-    if redraw and wm_learns:
+        redraw = fm_learns and not learns_draw
+    if redraw and learns_draw:
+        owner = est.weight_matrix.name if wm_learns else est.feature_map.name
         raise EstimatorError(
-            f"{est.name}: fit redraw=true cannot be used with {est.weight_matrix.name}, which learns its "
+            f"{est.name}: fit redraw=true cannot be used with {owner}, which learns its "
             "draw (redrawing would discard what it learns); use redraw=false or leave it out"
         )
     return _Plan(fm_learns, wm_learns, bool(redraw))
@@ -356,7 +365,7 @@ def _fit(est, q, k, v, cfg: FitConfig, scale: float, plan: _Plan, progress, spli
     # The components' learnable tensors (their starting values): leaves that Adam trains.
     trainable: dict[str, torch.Tensor] = {}
     if plan.features:
-        start = est.feature_map.learnable_params(fixed_params)
+        start = est.feature_map.learnable_params(fixed_params, est.draw_)
         trainable = {key: t.detach().clone().requires_grad_(True) for key, t in start.items()}
     factors: dict[str, torch.Tensor] = {}
     build = None

@@ -196,16 +196,27 @@ def iid_overlay(panel: pd.DataFrame, metric: str) -> Overlay | None:
     return Overlay(grid, c / grid, "i.i.d. law C/m (C fitted to iid)")
 
 
+#: Baselines that approximate attention with an error of their own (drawn as reference levels);
+#: the others (exact, sdpa, flash) are exact attention, whose error is float rounding.
+APPROXIMATE_BASELINES = ("uniform", "taylor2")
+
+
 def uniform_floor(summary: pd.DataFrame, metric: str, fixed: dict) -> float | None:
     """The uniform baseline's output error in a slice (None: not run, failed, or another metric).
 
     The uniform baseline gives every query the mean of the values it attends to: the error of an
     estimator that knows nothing of q and k, a floor every useful estimator should beat.
     """
+    return baseline_level(summary, metric, fixed, "uniform")
+
+
+def baseline_level(summary: pd.DataFrame, metric: str, fixed: dict, name: str) -> float | None:
+    """Baseline ``name``'s output error in a slice (None: not run, failed, or another metric);
+    e.g. ``taylor2``, Based's deterministic Taylor-2 attention, the level of a biased map."""
     if metric != "out_rel_err":
         return None
     base = baselines_for(summary, fixed)
-    base = base[(base["estimator"] == "uniform") & (base["status"] == "ok")]
+    base = base[(base["estimator"] == name) & (base["status"] == "ok")]
     col = value_columns(base, metric)[0]
     if len(base) != 1 or col not in base or not np.isfinite(float(base[col].iloc[0])):
         return None

@@ -26,6 +26,7 @@ import pandas as pd
 
 from rfbench.report import METRICS, Run, safe_dir
 from rfbench.report.analysis import (
+    baseline_level,
     baselines_for,
     board_slices,
     describe_slice,
@@ -132,6 +133,7 @@ def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool 
     ranks = (noise_ranks(ranked[key], ranked[lo] if lo else np.nan, ranked[hi] if hi else np.nan)
              if key else np.arange(1, len(ranked) + 1))
     floor = uniform_floor(run.summary, "out_rel_err", fixed)
+    taylor = baseline_level(run.summary, "out_rel_err", fixed, "taylor2")
     columns = ["rank", "estimator", "m"] + [METRICS[m].header() for m in metrics] + ["seeds", "status"]
     out, status = [], []
     shared = {r for r in ranks if list(ranks).count(r) > 1}
@@ -164,6 +166,10 @@ def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool 
         caption += (f" {n_worse} of {len(ranked)} ranked estimators have a mean output error above the "
                     f"uniform baseline's ({fmt(floor)}: every query gets the mean of the values), "
                     "i.e. worse than knowing nothing of q and k.")
+    if taylor is not None:
+        n_above = sum(_mean(r, "out_rel_err") > taylor for _, r in ranked.iterrows())
+        caption += (f" {n_above} of {len(ranked)} have a mean output error above the taylor2 baseline's "
+                    f"({fmt(taylor)}: Based's deterministic Taylor-2 map, biased).")
     caption += " Failed or skipped cells follow unranked with their reason; baselines come last."
     title = "Leaderboard: " + str(fixed.get("data", "all data"))
     if several_causal and "causal" in fixed:
@@ -185,6 +191,8 @@ def _seeds(r: pd.Series) -> str:
 
 
 HELD_OUT_METRICS = ("out_rel_err", "target_out_rel_err")
+#: The kernel column of the approximate baselines (the others are exact softmax attention).
+BASELINE_KERNELS = {"uniform": "constant", "taylor2": "1 + t + t^2/2 (Taylor-2)"}
 
 
 def is_held_out(run: Run) -> bool:
@@ -257,7 +265,7 @@ def held_out_table(r: pd.DataFrame, metric: str = "out_rel_err", where: str = ""
         base = r[(r["kind"] == "baseline") & (r["status"] == "ok") & r["_v"].notna()]
         for name, g in base.groupby("estimator", sort=True):
             value = fmt(float(g["_v"].mean())) if g["data"].nunique() == n_data else "—"
-            kernel = "softmax" if name in ("exact", "sdpa", "flash") else "constant"
+            kernel = BASELINE_KERNELS.get(name, "softmax")
             rows.append([f"{name} (baseline)", kernel, *[value] * len(ms), "–"])
             status.append("baseline")
     fit_len = _int_values(est, "fit_len")

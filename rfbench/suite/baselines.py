@@ -56,6 +56,15 @@ def _flash(q, k, v, scale, causal):
     return fn
 
 
+def _taylor2(q, k, v, scale, causal):
+    from rfbench.features.taylor import taylor2_size
+    from rfbench.registry import make_estimator
+
+    d = q.shape[-1]
+    est = make_estimator("taylor2-iid", d, taylor2_size(d), device=q.device, dtype=q.dtype)
+    return lambda: est.attention(q, k, v, causal, scale=scale, check=False)
+
+
 def _uniform(q, k, v, scale, causal):
     return lambda: uniform_attention(v, causal)
 
@@ -85,6 +94,8 @@ BASELINES: dict[str, Baseline] = {
         Baseline("flash", "FlashAttention", _flash, devices=("cuda",), dtypes=HALF),
         # a constant kernel: the floor any estimator should beat
         Baseline("uniform", "uniform attention (the mean of the values seen)", _uniform),
+        # deterministic and biased, with one size (1 + d + d(d+1)/2 features): a baseline, not a cell per m
+        Baseline("taylor2", "Taylor-2 attention (Based's map, 1 + d + d(d+1)/2 features)", _taylor2),
     )
 }
 

@@ -37,7 +37,9 @@ MEANINGS: dict[str, tuple[str, str | None, str]] = {
                              "cells of their own, one run each: `exact` (rfbench.exact, tiled), `sdpa` "
                              "(torch's scaled_dot_product_attention), `flash` (FlashAttention; CUDA, half "
                              "precision), `uniform` (every query gets the mean of the values it sees: the "
-                             "error of knowing nothing; put it in every suite that measures output error)"),
+                             "error of knowing nothing; put it in every suite that measures output error), "
+                             "`taylor2` (Based's deterministic Taylor-2 map at its one size, "
+                             "1 + d + d(d+1)/2 features: a biased reference level)"),
     "estimators.params": ("table of tables", "—", "constructor parameters keyed by a feature-map, "
                           "weight-matrix or estimator name, e.g. `gerf = { A = -0.1 }`; unknown parameter "
                           "names are errors that list the allowed ones"),
@@ -94,7 +96,8 @@ MEANINGS: dict[str, tuple[str, str | None, str]] = {
     "timing.threads": ("int ≥ 0", None, "torch CPU threads for the run (0: torch's default)"),
     "fit.holdout": ("number in (0, 1)", None, "share of each cell's tokens held out for measurement"),
     "fit.holdout_split": ("string", None, "`tail` (the last tokens, causal-safe) or `blocks`"),
-    "fit.objective": ("string", None, "`attention`, `kernel` or `variance` (`darkl` with `mode = \"is\"`)"),
+    "fit.objective": ("string", None, "`attention`, `kernel`, `variance` (`darkl` with `mode = \"is\"`) or "
+                      "`crossentropy` (attention-weight distillation, as Hedgehog)"),
     "fit.steps": ("int ≥ 1", None, "Adam steps, at most"),
     "fit.lr": ("positive number", None, "Adam learning rate"),
     "fit.batch_tokens": ("int ≥ 2", None, "training tokens per step"),

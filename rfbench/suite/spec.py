@@ -16,8 +16,9 @@ and what is allowed (``rfbench run`` prints it on one line and exits 2).
     exclude = ["oprf-iid", "trigrf-*"]     # names or fnmatch patterns removed from the list
     baselines = ["exact", "sdpa"]          # rows of their own: exact | sdpa | flash (CUDA, half
                                            #   precision) | uniform (every query gets the mean of
-                                           #   the values it sees: the error of knowing nothing);
-                                           #   default ["exact", "sdpa"]
+                                           #   the values it sees: the error of knowing nothing) |
+                                           #   taylor2 (Based's deterministic Taylor-2 map, at its
+                                           #   one size); default ["exact", "sdpa"]
     [estimators.params]                    # constructor parameters keyed by a feature map,
     gerf = { A = -0.1 }                    #   weight-matrix or estimator name
 

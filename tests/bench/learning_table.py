@@ -1,5 +1,5 @@
-"""The table of suites/learning.toml, computed directly (not a pytest file): kernel learners on the
-bundled MiniLM capture, fitted on the first part of the tokens and measured on the held-out tail.
+"""The table of suites/learning.toml (and Hedgehog), computed directly (not a pytest file): kernel learners
+on the bundled MiniLM capture, fitted on the first part of the tokens and measured on the held-out tail.
 
     python tests/bench/learning_table.py --seeds 5 --out /tmp/learning.csv
 
@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "DARK learned (identity init)": ("darkl-iid", {"init": "identity"}, {}),
     "DARK learned IS (variance obj.)": (
         "darkl-iid", {"init": "proposal", "mode": "is"}, {"objective": "variance"}),
+    "Hedgehog (crossentropy obj.)": ("hedgehog-iid", {}, {"objective": "crossentropy"}),
+    "Hedgehog (attention obj.)": ("hedgehog-iid", {}, {"objective": "attention"}),
     "uniform (mean of v)": ("", {}, None),
 }
 
@@ -79,17 +81,18 @@ def run(args) -> pd.DataFrame:
                     if fitted is not None:
                         # darkl: training randomness comes from cfg.seed, not the estimator's seed, so
                         # the fit is the same for every seed (tests/learning/test_learning.py checks this);
-                        # only the measured draw changes.
+                        # only the measured draw changes. Hedgehog's init is its seed's draw: fitted per seed.
                         est, res = copy.deepcopy(fitted[0]).redraw(seed), fitted[1]
                     else:
                         res = fit_estimator(est, qf, kf, vf, cfg, scale=scale, progress=False)
-                        if est.feature_map.learnable and cfg.seed is not None:
+                        if res.trained and res.seed_independent:
                             fitted = (est, res)
                     with torch.no_grad():
                         out = est.attention(qh, kh, vh, scale=scale)
                         own = target_attention(est, qh, kh, vh, scale=scale)
                     rows.append({
-                        "layer": layer, "label": label, "estimator": name, "m": m, "seed": seed,
+                        "layer": layer, "label": label, "estimator": name, "m": m, "F": est.feature_dim,
+                        "seed": seed,
                         "out_rel_err": rel_err(out, ref),
                         "target_out_rel_err": math.nan if own is None or est.target == "softmax"
                         else rel_err(out, own),

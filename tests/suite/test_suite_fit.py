@@ -40,8 +40,8 @@ SUITE = f"""
 [suite]
 name = "fit-tiny"
 [estimators]
-names = ["posrf-iid", "dark-iid", "darkl-iid", "oprf-fastfoodl"]
-baselines = ["exact", "uniform"]
+names = ["posrf-iid", "dark-iid", "darkl-iid", "oprf-fastfoodl", "hedgehog-iid"]
+baselines = ["exact", "uniform", "taylor2"]
 [estimators.params]
 darkl = {{ init = "identity" }}
 [[data]]
@@ -67,6 +67,8 @@ batch_tokens = 32
 val_draws = 2
 [fit.estimators."oprf-fastfoodl"]
 objective = "kernel"
+[fit.estimators."hedgehog-iid"]
+objective = "crossentropy"
 """
 
 
@@ -163,7 +165,8 @@ def test_held_out_cells_are_other_cells():
     assert changed == {"oprf-fastfoodl"}
     # training settings key the learners' cells only: the others are fitted the plain way
     steps = ids(SUITE.replace(f"steps = {STEPS}", f"steps = {STEPS + 1}"))
-    assert {name for name in with_fit if with_fit[name] != steps[name]} == {"oprf-fastfoodl", "darkl-iid"}
+    assert {name for name in with_fit if with_fit[name] != steps[name]} == {
+        "oprf-fastfoodl", "darkl-iid", "hedgehog-iid"}
     # one number, one spelling: lr = 1 is lr = 1.0
     assert ids(SUITE.replace("eval_every = 2", "eval_every = 2\nlr = 1")) == ids(
         SUITE.replace("eval_every = 2", "eval_every = 2\nlr = 1.0")
@@ -192,7 +195,7 @@ def test_too_short_sequences_are_skipped_with_the_reason(tmp_path):
         "num_features = [4, 8]", "num_features = [4]"
     )
     df = R.load_results(runner.run_suite(parse_suite(text, source="x.toml"), tmp_path / "s", progress=False))
-    learners = df["estimator"].isin(["darkl-iid", "oprf-fastfoodl"])
+    learners = df["estimator"].isin(["darkl-iid", "oprf-fastfoodl", "hedgehog-iid"])
     assert (df.loc[learners, "status"] == "skipped").all() and (df.loc[~learners, "status"] == "ok").all()
     assert df.loc[learners, "message"].str.contains("cannot be split for validation").all()
 
@@ -231,7 +234,7 @@ def test_columns_and_labels(fit_run):
             .all()
             .all()
         )
-    for name in ("oprf-fastfoodl", "posrf-iid"):
+    for name in ("oprf-fastfoodl", "posrf-iid", "hedgehog-iid"):  # hedgehog: no kernel at all
         assert (
             est.loc[est["estimator"] == name, ["target_out_rel_err", "target_kernel_rel_mse"]]
             .isna()
@@ -285,7 +288,7 @@ def test_data_dependent_estimator_is_fitted_on_the_fit_part_only(fit_run):
 def test_learned_estimator_matches_a_direct_fit(fit_run):
     suite, _, df = fit_run
     fit, held, _, scale = _parts()
-    for name in ("oprf-fastfoodl", "darkl-iid"):
+    for name in ("oprf-fastfoodl", "darkl-iid", "hedgehog-iid"):
         row = _row(df, name, 1)
         params = {"init": "identity"} if name == "darkl-iid" else {}
         est = rb.make_estimator(name, 32, 8, seed=int(row["seed"]), **params)
@@ -315,7 +318,8 @@ def test_learned_distribution_is_fitted_once_per_cell(fit_run):
     ]
     per = curves[curves["num_features"] == 8].groupby("estimator")["seed_index"].unique()
     assert sorted(per["darkl-iid"]) == [0] and sorted(per["oprf-fastfoodl"]) == [0, 1, 2]
-    assert set(curves["estimator"]) == {"darkl-iid", "oprf-fastfoodl"}
+    assert sorted(per["hedgehog-iid"]) == [0, 1, 2]  # its init is its seed's draw: fitted per seed
+    assert set(curves["estimator"]) == {"darkl-iid", "oprf-fastfoodl", "hedgehog-iid"}
     for _, g in curves.groupby(["cell", "seed_index"]):
         assert g["step"].tolist() == list(range(len(g))) and math.isnan(g["train_loss"].iloc[0])
         assert g["val_loss"].notna().sum() >= 2
@@ -330,6 +334,11 @@ def test_baselines_are_measured_on_held_out_tokens(fit_run):
     uniform = vh.mean(dim=-2, keepdim=True).expand_as(vh)
     assert _row(df, "uniform")["out_rel_err"] == pytest.approx(_rel(uniform, ref), rel=1e-6)
     assert _row(df, "exact")["out_rel_err"] < 1e-5
+    # taylor2: Based's 1 + t + t^2/2 weights (t = q . k * scale), row-normalised, by hand
+    t = (qh.double() @ kh.double().transpose(-1, -2)) * scale
+    w = 1 + t + t * t / 2
+    taylor = (w / w.sum(-1, keepdim=True)) @ vh.double()
+    assert _row(df, "taylor2")["out_rel_err"] == pytest.approx(_rel(taylor, ref), rel=1e-5)
 
 
 def test_uniform_baseline_causal_is_a_prefix_mean():
@@ -395,8 +404,10 @@ def test_report_leads_with_the_held_out_table(fit_run):
         "dark-iid",
         "darkl-iid",
         "oprf-fastfoodl",
+        "hedgehog-iid",
         "exact (baseline)",
         "uniform (baseline)",
+        "taylor2 (baseline)",
     }
     x = df[(df["estimator"] == "dark-iid") & (df["num_features"] == 8)].sort_values("seed_index")
     x = x["out_rel_err"].to_numpy()
@@ -411,6 +422,11 @@ def test_report_leads_with_the_held_out_table(fit_run):
     from rfbench.report.tables import build_tables
 
     assert build_tables(run)[0].title.startswith("Held-out attention-output error")
+    board = next(t for t in build_tables(run) if t.title.startswith("Leaderboard"))
+    assert "above the taylor2 baseline's" in board.caption  # a biased map's level, beside uniform's
+    assert any(r[1] == "taylor2 (baseline)" and r[0] == "ref" for r in board.rows)
+    assert rows["taylor2 (baseline)"][1] == "1 + t + t^2/2 (Taylor-2)"
+    assert rows["uniform (baseline)"][1] == "constant"
     assert not is_held_out(Run(out, df.assign(fit_len=0), pd.DataFrame()))  # a run without [fit]
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 
 from rfbench.report import METRICS, Run
 from rfbench.report.analysis import (
+    APPROXIMATE_BASELINES,
     baselines_for,
     describe_slice,
     estimators,
@@ -69,7 +70,7 @@ def pareto(run: Run, opts: Options, name: str = "error_vs_time_pareto") -> Figur
         colour, marker = baseline_style(b)
         t = float(grp[value_columns(grp, "time_ms")[0]].iloc[0])
         err = float(pd.to_numeric(grp[ecol], errors="coerce").iloc[0]) if ecol in grp else np.nan
-        if b == "uniform" and np.isfinite(err):  # an error of its own: a point and a reference line
+        if b in APPROXIMATE_BASELINES and np.isfinite(err):  # an error of its own: a point and a line
             ax.scatter([t], [err], s=70, color=colour, marker="*", zorder=5)
             ax.axhline(err, color=colour, ls="--", lw=1.1, zorder=1)
             points.append((b, t, err))
@@ -108,10 +109,14 @@ def pareto(run: Run, opts: Options, name: str = "error_vs_time_pareto") -> Figur
                "grows with m and thin lines join one estimator's m values. The black step is the Pareto "
                "front of the estimators: no other estimator point is both faster and more accurate. Down "
                "and left is better.")
-    if points:
+    named = {b for b, _, _ in points}
+    if "uniform" in named:
         caption += (" Star and dashed horizontal: the uniform baseline (every query gets the mean of the "
                     "values), its time and error; an estimator above that line is worse than knowing "
                     "nothing of q and k.")
+    if "taylor2" in named:
+        caption += (" Star and dashed horizontal in blue: the taylor2 baseline (Based's deterministic "
+                    "Taylor-2 map, 1 + d + d(d+1)/2 features, biased: one run, no seeds).")
     if exact_names:
         errs = [e for _, e in exact_names if np.isfinite(e)]
         caption += (" Dashed verticals: the time of the exact-attention baselines ("

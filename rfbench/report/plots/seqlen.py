@@ -8,6 +8,7 @@ import pandas as pd
 
 from rfbench.report import METRICS, Run, peak_memory_note
 from rfbench.report.analysis import (
+    APPROXIMATE_BASELINES,
     baselines_for,
     describe_slice,
     estimators,
@@ -86,14 +87,15 @@ def error_time_vs_seqlen(run: Run, opts: Options, name: str = "error_time_vs_seq
     fig = new_figure(4.2 * len(panels) + 1.6, 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
     uniform = baselines_for(run.summary, fixed)
-    uniform = uniform[uniform["estimator"] == "uniform"]
+    uniform = uniform[uniform["estimator"].isin(APPROXIMATE_BASELINES)]
     uniform = ok_rows(uniform, err_metric) if err_metric else uniform.iloc[:0]
     for ax, metric in zip(axes, panels):
-        if metric == err_metric:  # exact attention's error is float rounding: only uniform is drawn
+        if metric == err_metric:  # exact attention's error is float rounding: only uniform, taylor2 drawn
             seqlen_panel(ax, pal, rows, uniform, metric, rows["seq_len"], baseline_bands=False)
         else:
             seqlen_panel(ax, pal, ok_rows(rows, "time_ms"), base, metric, rows["seq_len"])
-    names = sorted(set(base["estimator"]) | set(uniform["estimator"]))
+    drawn = set(uniform["estimator"])  # the approximate baselines on the error panel
+    names = sorted(set(base["estimator"]) | drawn)
     handles, labels = pal.legend_handles(rows, names)
     fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
     files = save(fig, name, opts)
@@ -106,7 +108,9 @@ def error_time_vs_seqlen(run: Run, opts: Options, name: str = "error_time_vs_seq
                "Random-feature attention is linear in L, exact attention quadratic: where the dashed "
                "lines cross the solid ones is the break-even length."
                + (" Dashed on the error panel: the uniform baseline (every query gets the mean of the "
-                  "values), the error of knowing nothing of q and k." if len(uniform) else ""))
+                  "values), the error of knowing nothing of q and k." if "uniform" in drawn else "")
+               + (" Dashed taylor2: Based's deterministic Taylor-2 map (biased, no seeds)."
+                  if "taylor2" in drawn else ""))
     caption += failed_note(pd.concat([in_slice(est, fixed), baselines_for(run.summary, fixed)]))
     return Figure(name, title, caption, files)
 

@@ -15,7 +15,8 @@ import pandas as pd
 from rfbench.report.analysis import spans_decades
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d")
-BASELINE_STYLES = {"exact": ("#222222", "x"), "sdpa": ("#777777", "+"), "uniform": ("#aa7733", "1")}
+BASELINE_STYLES = {"exact": ("#222222", "x"), "sdpa": ("#777777", "+"), "uniform": ("#aa7733", "1"),
+                   "taylor2": ("#3366aa", "2")}
 # 16 weight matrices: tab10 then six of Dark2, so the first ten keep the familiar colours.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
