@@ -88,6 +88,13 @@ def test_colours_follow_the_weight_matrix_not_the_run():
     assert a.marker["posrf"] == b.marker["posrf"]
 
 
+def test_feature_maps_of_one_run_never_share_a_marker():
+    """19 maps are registered and 13 markers exist: posrf and maclaurin shared a square."""
+    fms = ["posrf", "maclaurin", "hybrid", "lara", "taylor2", "hedgehog"]
+    pal = Palette(pd.DataFrame({"feature_map": fms, "weight_matrix": ["iid"] * len(fms)}))
+    assert len({pal.marker[f] for f in fms}) == len(fms)
+
+
 def test_closed_form_overlay_is_drawn_when_the_run_stores_it(tmp_path):
     path = make_run(tmp_path / "run", **SMALL)
     summary = pd.read_parquet(path / "summary.parquet")

@@ -166,7 +166,7 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "name", ["quick", "spectraformer", "scaling", "real", "darkformer", "learning", "llm"]
+    "name", ["quick", "spectraformer", "scaling", "real", "darkformer", "learning", "llm", "families"]
 )
 def test_ready_suites_validate(name):
     suite = load_suite(SUITES_DIR / f"{name}.toml")

@@ -73,7 +73,7 @@ def registry_order() -> tuple[list[str], list[str]]:
 
 
 class Palette:
-    """Colour per weight matrix, marker per feature map, both in registry order.
+    """Colour per weight matrix, marker per feature map present, both in registry order.
 
     When the frame holds a single weight matrix, colour by feature map instead (the marker
     still names the feature map), so the lines of different estimators never share a colour.
@@ -87,11 +87,16 @@ class Palette:
         fm_all = fm_order + sorted(set(fms) - set(fm_order))
         wm_all = wm_order + sorted(set(wms) - set(wm_order))
         self.colour = {w: COLOURS[i % len(COLOURS)] for i, w in enumerate(wm_all)}
-        self.marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(fm_all)}
         self.fm_rank = {f: i for i, f in enumerate(fm_all)}
         self.wm_rank = {w: i for i, w in enumerate(wm_all)}
         self.by_feature_map = len(set(wms)) == 1 and len(set(fms)) > 1
         present = sorted(set(fms), key=self.fm_rank.get)
+        # a marker per feature map in registry order, the same in every report, unless two maps
+        # present would share one (more maps are registered than there are markers): then the
+        # maps present take the markers in registry order, so no two in one figure look alike
+        self.marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(fm_all)}
+        if len({self.marker[f] for f in present}) < len(present):
+            self.marker.update({f: MARKERS[i % len(MARKERS)] for i, f in enumerate(present)})
         self.fm_colour = {f: COLOURS[i % len(COLOURS)] for i, f in enumerate(present)}
 
     def line_colour(self, fm: str, wm: str) -> str:
