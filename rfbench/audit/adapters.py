@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import warnings
 from typing import ClassVar
 
 import torch
@@ -44,6 +45,11 @@ class Adapter:
     causal: ClassVar[bool] = True
     #: The dtype it computes in (sets the float-rounding tolerances).
     dtype: ClassVar[torch.dtype] = torch.float32
+    #: Whether it has a non-causal mode (fla's Based attention is causal only).
+    noncausal: ClassVar[bool] = True
+    #: A deterministic map (no random draw): its kernel is checked against ``closed_form``, not
+    #: for unbiasedness for exp(x . y), and its attention against ``reference_attention``.
+    deterministic: ClassVar[bool] = False
 
     def __init__(self, dim: int = 16, num_features: int = 128):
         self.dim, self.num_features = int(dim), int(num_features)
@@ -66,6 +72,15 @@ class Adapter:
 
     def variance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Closed-form variance of ``kernel`` per pair (x, y ``[P, d]`` -> ``[P]``), or None."""
+        return None
+
+    def closed_form(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """A deterministic map's exact kernel per pair (float64), or None."""
+        return None
+
+    def reference_attention(self, q, k, v, causal: bool) -> torch.Tensor | None:
+        """The exact normalised attention of the kernel ``closed_form`` (float64), or None (then the
+        audit builds FAVOR+'s from ``projection``)."""
         return None
 
 
@@ -135,7 +150,7 @@ class PerformerAdapter(Adapter):
 
     name = "performer"
     describes = "performer-pytorch FastAttention (softmax kernel, ortho_scaling=0), float32"
-    install = "pip install 'rfbench[bench]'   (performer-pytorch>=1.1.4)"
+    install = 'pip install -e ".[audit]"   (performer-pytorch>=1.1.4)'
 
     def missing(self):
         try:
@@ -194,7 +209,7 @@ class DarkformerAdapter(Adapter):
 
     name = "darkformer"
     describes = "darkformer-pytorch DarkformerKernelAttention (identity geometry, linear mode), float32"
-    install = "pip install 'rfbench[audit]'   (darkformer-pytorch>=1.0)"
+    install = 'pip install -e ".[audit]"   (darkformer-pytorch>=1.0)'
 
     def missing(self):
         try:
@@ -231,24 +246,101 @@ class DarkformerAdapter(Adapter):
 
 
 # --------------------------------------------------------------------------- flash-linear-attention
+def taylor2_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 + t + t^2 / 2 at t = x . y (float64): the second-order Taylor kernel of exp(x . y)."""
+    t = (x.double() * y.double()).sum(-1)
+    return 1 + t + t * t / 2
+
+
+def taylor2_attention(q, k, v, causal: bool) -> torch.Tensor:
+    """Exact normalised Taylor-2 attention in float64: A = 1 + t + t^2/2 at t = q . k / sqrt(d)."""
+    d = q.shape[-1]
+    A = taylor2_kernel(q.unsqueeze(-2) * d**-0.25, k.unsqueeze(-3) * d**-0.25)
+    if causal:
+        A = A.tril()
+    return (A @ v.double()) / A.sum(-1, keepdim=True)
+
+
 class FLAAdapter(Adapter):
-    """flash-linear-attention's feature maps (``fla.modules.feature_map``). None of them is a random
-    projection of the softmax kernel (Hedgehog, T2R, DPFP, Taylor and ReBased maps are learned or
-    deterministic), so the unbiasedness, variance and projection checks do not apply; the package
-    also needs a CUDA device for its kernels. Reported as skipped with the reason."""
+    """flash-linear-attention's Based attention (Arora et al., ICML 2024): the Taylor-2 feature map
+    ``fla.modules.feature_map.TaylorFeatureMap`` (1, x / d^(1/4), and the upper triangle of x x^T /
+    sqrt(d), the diagonal over sqrt(2)) and the fused causal kernel ``fla.ops.based.parallel_based``,
+    which normalises as o / (z + 1e-6). The map is deterministic and biased for exp(q . k) by
+    design, so the unbiasedness, variance and projection checks do not apply; its kernel is checked
+    against 1 + t + t^2/2 (t = q . k / sqrt(d)) and its attention against the exact normalised
+    Taylor-2 attention in float64. fla's other maps (Hedgehog, T2R, DPFP, ReBased) are learned, with
+    no closed form to check. Without CUDA the Triton kernel runs in Triton's interpreter (fla is
+    imported under ``TRITON_INTERPRET=1``; small sizes only)."""
 
     name = "fla"
-    describes = "flash-linear-attention feature maps"
-    install = "pip install flash-linear-attention   (needs a CUDA device)"
+    describes = "flash-linear-attention Based: TaylorFeatureMap + parallel_based (causal), float32"
+    install = 'pip install -e ".[audit]"   (fla-core>=0.6)'
     projection_law = None
+    noncausal = False
+    deterministic = True
 
     def missing(self):
         try:
-            importlib.import_module("fla")
-        except ImportError:
-            return [f"flash-linear-attention is not installed; {self.install}"]
-        return ["fla's feature maps are learned or deterministic (no random projection of exp(q.k) "
-                "to audit); its kernels need CUDA"]
+            _import_fla("fla.modules.feature_map")
+        except Exception as exc:  # ImportError, or a platform probe of the package failing
+            return [f"flash-linear-attention (fla-core) cannot be imported ({type(exc).__name__}: {exc}); "
+                    f"{self.install}"]
+        return []
+
+    def version(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist in ("fla-core", "flash-linear-attention"):
+            with contextlib.suppress(PackageNotFoundError):
+                return version(dist)
+        return ""
+
+    def projection(self, seed):
+        return None
+
+    def kernel(self, x, y, seed):
+        fm = _import_fla("fla.modules.feature_map").TaylorFeatureMap(self.dim)
+        s = self.dim**0.25  # the map divides by d^(1/4): feed x d^(1/4) for the kernel of x . y
+        with torch.no_grad(), warnings.catch_warnings():  # its checkpoint wrapper warns without grad
+            warnings.simplefilter("ignore")
+            fx, fy = fm(x.float() * s), fm(y.float() * s)
+        return (fx.double() * fy.double()).sum(-1)
+
+    def closed_form(self, x, y):
+        return taylor2_kernel(x, y)
+
+    def reference_attention(self, q, k, v, causal):
+        return taylor2_attention(q, k, v, causal)
+
+    def attention(self, q, k, v, seed, causal):
+        if not causal:
+            raise EstimatorError("fla's Based attention (parallel_based) is causal only")
+        with torch.no_grad():  # fla takes [B, L, H, d]
+            out = _import_fla("fla.ops.based").parallel_based(
+                *(t.float().transpose(1, 2).contiguous() for t in (q, k, v)))
+        return out.transpose(1, 2)
+
+
+def _import_fla(module: str):
+    """An fla module. Without CUDA the first fla import runs under TRITON_INTERPRET=1 (Triton reads
+    it when a kernel is decorated, i.e. at import; the package imports its kernels with it), and
+    the variable is restored afterwards."""
+    import os
+    import sys
+
+    if torch.cuda.is_available() or any(m == "fla" or m.startswith("fla.") for m in sys.modules):
+        return importlib.import_module(module)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with warnings.catch_warnings():  # "Triton is not supported on current platform, roll back to CPU"
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 #: Audit targets: name -> adapter factory(dim, num_features). ``rfbench:<estimator>`` audits any

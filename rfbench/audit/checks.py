@@ -98,6 +98,9 @@ def _estimates(adapter: Adapter, x, y, seeds: int) -> torch.Tensor | None:
 def unbiased(adapter: Adapter, settings: Settings, K: torch.Tensor | None = None) -> Check:
     """z-test of E[kernel] = exp(x . y): pooled relative bias (power in the module docstring) and each
     pair's own z (tolerance Z_PAIR)."""
+    if adapter.deterministic:
+        return Check("unbiased kernel", "deterministic map, biased for exp(q.k) by design: checked "
+                     "against its closed form instead", "n/a")
     x, y = pairs(adapter.dim, settings)
     K = _estimates(adapter, x, y, settings.seeds) if K is None else K
     if K is None:
@@ -122,13 +125,30 @@ def unbiased(adapter: Adapter, settings: Settings, K: torch.Tensor | None = None
     return Check("unbiased kernel", fig, "pass" if ok else "fail")
 
 
+def closed_form(adapter: Adapter, settings: Settings) -> Check:
+    """A deterministic map's kernel against its closed form (e.g. 1 + t + t^2/2 for Taylor-2) at the
+    audit's pairs and at twice their norms, on two seeds (a deterministic map must not depend on
+    one): max relative error within ROUNDING_UNITS u of the compute dtype."""
+    x, y = pairs(adapter.dim, settings)
+    x, y = torch.cat([x, 2 * x]), torch.cat([y, 2 * y])
+    want = adapter.closed_form(x, y)
+    if want is None:
+        return Check("kernel = closed form", "no closed form", "n/a")
+    err = max(float(((adapter.kernel(x, y, s).to(F64) - want) / want).abs().max()) for s in (0, 1))
+    tol = ROUNDING_UNITS * unit_roundoff(adapter.dtype)
+    return Check("kernel = closed form", f"max rel. error {err:.2g} over {len(want)} pairs, 2 seeds "
+                 f"(tol {tol:.1g})", "pass" if err <= tol else "fail")
+
+
 # --------------------------------------------------------------------------- 2. variance
 def variance(adapter: Adapter, settings: Settings) -> Check:
     """Per pair, mean squared error over seeds vs the closed form (an unbiased estimator's MSE is its
     variance): z = (mean sq - Var) / SE(sq), tolerance Z_PAIR. Power: to flag a 25% variance error
     at the best-resolved pair, Phi(0.25 Var/SE - Z_PAIR), printed."""
     x, y = pairs(adapter.dim, settings, seed=1, norms=settings.variance_norms)
-    want = adapter.variance(x, y)
+    want = None if adapter.deterministic else adapter.variance(x, y)
+    if adapter.deterministic:
+        return Check("MC variance = closed form", "deterministic map: no Monte Carlo variance", "n/a")
     if want is None:
         return Check("MC variance = closed form", "no closed form for this projection (coupled rows "
                      "or family without one)", "n/a")
@@ -248,17 +268,19 @@ def attention_exact(adapter: Adapter, settings: Settings) -> list[Check]:
     """Attention output against ``posrf_reference`` built from the same projection, non-causal and
     causal: relative max error within ROUNDING_UNITS u (catches additive epsilons and stabilisers
     that do not cancel, e.g. a per-key max)."""
-    W = adapter.projection(0)
-    if W is None:
+    W = None if adapter.deterministic else adapter.projection(0)
+    if W is None and not adapter.deterministic:
         return [Check("attention = exact estimator", "no projection reachable", "n/a")]
     d, L = adapter.dim, settings.seq_len
     q, k, v = _qkv(d, L, seed=3)
     cast = adapter.dtype
     tol = ROUNDING_UNITS * unit_roundoff(cast)
     out = []
-    for causal in (False, True) if adapter.causal else (False,):
+    for causal in modes(adapter):
         got = adapter.attention(q.to(cast), k.to(cast), v.to(cast), 0, causal)
-        ref = posrf_reference(q.to(cast), k.to(cast), v.to(cast), W, causal)
+        qc, kc, vc = q.to(cast), k.to(cast), v.to(cast)
+        ref = (adapter.reference_attention(qc, kc, vc, causal) if adapter.deterministic
+               else posrf_reference(qc, kc, vc, W, causal))
         err = _rel_diff(got, ref)
         name = "attention = exact estimator" + (" (causal)" if causal else "")
         out.append(Check(name, f"max rel. error {err:.2g} (tol {tol:.1g})", "pass" if err <= tol else "fail"))
@@ -277,7 +299,7 @@ def finite_large_norms(adapter: Adapter, settings: Settings) -> Check:
     cast = adapter.dtype
     bad = 0
     total = 0
-    for causal in (False, True) if adapter.causal else (False,):
+    for causal in modes(adapter):
         got = adapter.attention(q.to(cast), k.to(cast), v.to(cast), 0, causal)
         bad += int((~torch.isfinite(got)).sum())
         total += got.numel()
@@ -286,13 +308,19 @@ def finite_large_norms(adapter: Adapter, settings: Settings) -> Check:
                  "pass" if bad == 0 else "fail")
 
 
+def modes(adapter: Adapter) -> tuple[bool, ...]:
+    """The causal flags an implementation has: (False, True), (False,) or (True,)."""
+    return tuple(c for c, has in ((False, adapter.noncausal), (True, adapter.causal)) if has)
+
+
 # --------------------------------------------------------------------------- all of them
 def run_checks(adapter: Adapter, settings: Settings | None = None) -> list[Check]:
     """Every check on one adapter, in table order."""
     settings = settings or Settings()
     x, y = pairs(adapter.dim, settings)
-    K = _estimates(adapter, x, y, settings.seeds)
+    K = None if adapter.deterministic else _estimates(adapter, x, y, settings.seeds)
     return [
+        *([closed_form(adapter, settings)] if adapter.deterministic else []),
         unbiased(adapter, settings, K),
         variance(adapter, settings),
         *projection(adapter, settings),

@@ -16,7 +16,13 @@ import torch
 
 from rfbench import cli
 from rfbench.audit import EstimatorAdapter, Settings, checks
-from rfbench.audit.adapters import PerformerAdapter, adapters_for
+from rfbench.audit.adapters import (
+    FLAAdapter,
+    PerformerAdapter,
+    adapters_for,
+    taylor2_attention,
+    taylor2_kernel,
+)
 from rfbench.audit.report import audit, markdown, terminal, to_html
 from rfbench.estimator import Estimator
 from rfbench.features.positive import PosRF
@@ -196,10 +202,87 @@ def test_tables_and_exit_status(tmp_path, capsys):
     assert "unknown audit target" in capsys.readouterr().err
 
 
-def test_fla_is_skipped_with_a_reason():
+def test_fla_is_skipped_with_a_reason_when_absent(monkeypatch):
     (a,) = adapters_for("fla")
+    monkeypatch.setattr(type(a), "missing", lambda self: ["fla-core is not installed; pip install ..."])
     result = audit(a)
     assert result.skipped and not result.failed and result.checks == []
+
+
+# =========================================================================== deterministic maps
+class Taylor2Control(EstimatorAdapter):
+    """rfbench's own Taylor-2 map (Based) audited as a deterministic map: kernel against 1 + t + t^2/2,
+    attention against the exact normalised Taylor-2 attention, both modes."""
+
+    deterministic = True
+
+    def __init__(self):
+        import rfbench as rb
+
+        super().__init__(lambda seed: rb.make_estimator("taylor2-iid", dim=D, num_features=153, seed=seed),
+                         "rfbench:taylor2-iid", dim=D, num_features=153)
+        self.projection_law = None
+
+    def closed_form(self, x, y):
+        return taylor2_kernel(x, y)
+
+    def reference_attention(self, q, k, v, causal):
+        return taylor2_attention(q, k, v, causal)
+
+
+class Taylor2WrongSquare(Taylor2Control):
+    """Defect: the squares x_l^2 enter without their 1/sqrt(2), a classic slip of the Taylor map:
+    phi(x) . phi(y) = 1 + t + t^2/2 + sum_l x_l^2 y_l^2 / 2."""
+
+    def kernel(self, x, y, seed):
+        return super().kernel(x, y, seed) + ((x.double() * y.double()) ** 2).sum(-1) / 2
+
+
+class Taylor2Epsilon(Taylor2Control):
+    """Defect: an additive 1e-2 in the attention denominator (the epsilon of many implementations)."""
+
+    def attention(self, q, k, v, seed, causal):
+        est = self._est
+        phi_q, phi_k = (est.features(t.float() * D**-0.25) for t in (q, k))  # attention's 1/sqrt(d)
+        A = phi_q @ phi_k.transpose(-1, -2)
+        A = A.tril() if causal else A
+        return (A @ v.float()) / (A.sum(-1, keepdim=True) + self.eps)
+
+    eps = 1e-2
+
+
+def test_deterministic_checks_pass_on_rfbench_taylor2():
+    got = _verdicts(checks.run_checks(Taylor2Control()))
+    assert got["kernel = closed form"] == "pass"
+    assert got["attention = exact estimator"] == "pass"
+    assert got["attention = exact estimator (causal)"] == "pass"
+    assert got["causal: no future leakage"] == "pass" and got["finite at large norms"] == "pass"
+    assert got["unbiased kernel"] == "n/a" and got["MC variance = closed form"] == "n/a"
+
+
+def test_closed_form_check_fails_on_a_wrong_coefficient():
+    assert checks.closed_form(Taylor2WrongSquare(), Settings()).verdict == "fail"
+
+
+def test_deterministic_attention_check_fails_on_an_epsilon():
+    broken = Taylor2Epsilon()
+    assert _verdicts(checks.attention_exact(broken, Settings()))["attention = exact estimator"] == "fail"
+    broken.eps = 0.0  # the same hand-built attention without the epsilon passes: the defect is the epsilon
+    assert _verdicts(checks.attention_exact(broken, Settings()))["attention = exact estimator"] == "pass"
+
+
+@pytest.mark.skipif(FLAAdapter().missing() != [],
+                    reason="fla-core not installed (pip install 'rfbench[audit]')")
+def test_fla_based_findings_are_pinned():
+    """Measured on fla-core 0.6.0 (CPU, Triton interpreter): TaylorFeatureMap is exactly 1 + t + t^2/2
+    and parallel_based is causal and equals the exact normalised Taylor-2 attention to float32
+    rounding (its 1e-6 epsilon is 1e-8 relative to denominators of ~L); it has no non-causal mode."""
+    result = audit(FLAAdapter())
+    got = _verdicts(result.checks)
+    assert not result.failed and not result.skipped
+    assert got["kernel = closed form"] == "pass" and got["causal: no future leakage"] == "pass"
+    assert got["attention = exact estimator (causal)"] == "pass" and "attention = exact estimator" not in got
+    assert got["projection law"] == "n/a" and got["unbiased kernel"] == "n/a"
 
 
 @pytest.mark.slow
