@@ -271,12 +271,14 @@ def test_deterministic_attention_check_fails_on_an_epsilon():
     assert _verdicts(checks.attention_exact(broken, Settings()))["attention = exact estimator"] == "pass"
 
 
-@pytest.mark.skipif(FLAAdapter().missing() != [],
-                    reason="fla-core not installed (pip install 'rfbench[audit]')")
 def test_fla_based_findings_are_pinned():
     """Measured on fla-core 0.6.0 (CPU, Triton interpreter): TaylorFeatureMap is exactly 1 + t + t^2/2
     and parallel_based is causal and equals the exact normalised Taylor-2 attention to float32
-    rounding (its 1e-6 epsilon is 1e-8 relative to denominators of ~L); it has no non-causal mode."""
+    rounding (its 1e-6 epsilon is 1e-8 relative to denominators of ~L); it has no non-causal mode.
+    (Skipped, not at collection: importing fla takes seconds.)"""
+    why = FLAAdapter().missing()
+    if why:
+        pytest.skip("; ".join(why))
     result = audit(FLAAdapter())
     got = _verdicts(result.checks)
     assert not result.failed and not result.skipped
