@@ -149,13 +149,15 @@ def run_suite(
             write_run(out, meta)
             store.repair_tables(out)
         return out
-    with _folder_io(out):
-        folder.repair(out)
-        write_run(out, meta)
     threads_before = torch.get_num_threads()
     if suite.timing.threads:
         torch.set_num_threads(suite.timing.threads)
+    # the record states the threads the cells run with (timing.threads), not the process default
+    meta.machine.torch_threads = torch.get_num_threads()
     try:
+        with _folder_io(out):
+            folder.repair(out)
+            write_run(out, meta)
         show = sys.stderr.isatty() if progress is None else bool(progress)
         _sweep(suite, out, todo, [c.cell for c in planned], meta, state, show)
     finally:

@@ -134,6 +134,14 @@ def test_results_contract(full_run):
     assert meta.runs[-1]["status"] == "finished" and "TorchDispatchMode" in meta.peak_memory["cpu"]
 
 
+def test_meta_states_the_threads_the_cells_ran_with(full_run):
+    """timing.threads = 1: the machine record says 1, whatever torch's default was before the run."""
+    import json
+
+    doc = json.loads((full_run[0] / "meta.json").read_text())
+    assert doc["machine"]["torch_threads"] == 1
+
+
 def test_metrics_agree_with_a_direct_computation(full_run):
     """The stored numbers of one cell are what metrics.kernel_errors gives for its seeds and data."""
     out, df = full_run
