@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
                         help="results folder(s) written by `rfbench run`; several are merged into one "
                              "report (a cell held by more than one is taken from the last given)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first RUN_DIR)")
+    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR; required with several)")
     parser.add_argument("--where", metavar="KEY=VALUE", action="append", default=[],
                         help="keep only cells whose key column KEY equals VALUE (repeatable; a key "
                              "given twice keeps either value), e.g. --where causal=true")
@@ -120,6 +120,9 @@ def main(args: argparse.Namespace) -> int:
         raise SpecError(f"--dpi must be between 30 and 600, got {args.dpi}")
     prefer = {k: v for k, v in (("num_features", args.num_features), ("seq_len", args.seq_len)) if v}
     where = parse_where(args.where)
+    if len(args.run_dir) > 1 and not args.out:
+        raise SpecError(f"a report of {len(args.run_dir)} merged folders needs --out DIR (by default it "
+                        f"would replace {args.run_dir[0]}'s own report)")
     out = Path(args.out) if args.out else Path(args.run_dir[0])
     page, figures = render_report(args.run_dir, out, prefer=prefer, dpi=args.dpi,
                                   svg=not args.no_svg, embed=args.embed, where=where)

@@ -84,6 +84,25 @@ MEANINGS: dict[str, tuple[str, str | None, str]] = {
     "metrics.kernel_max_tokens": ("int ≥ 0", None, "query/key rows sampled for the pairwise metrics, fixed "
                                   "per (data, seq_len); 0 means all"),
     "metrics.tile": ("positive int", None, "pair-block size of the streamed metrics"),
+    "executor.name": ("string", None, "`inline` (this process), `local` (worker processes) or `slurm` (one "
+                      "job array), through submitit; never changes a cell's key, seeds or numbers"),
+    "executor.tasks": ("int ≥ 0", None, "array tasks (0: from `cells_per_task`; local: one per CPU core)"),
+    "executor.cells_per_task": ("int ≥ 0", None, "cells per array task (0: slurm groups 10 cells per task)"),
+    "executor.max_array_size": ("positive int", None, "more array tasks than this is refused (clusters "
+                                "cap arrays)"),
+    "executor.retries": ("int ≥ 0", None, "a timed-out or preempted task is requeued, a failed one "
+                         "resubmitted, at most this many times"),
+    "executor.partition": ("string", None, "sbatch `--partition`"),
+    "executor.account": ("string", None, "sbatch `--account`"),
+    "executor.time_min": ("positive int", None, "minutes per task (sbatch `--time`)"),
+    "executor.cpus": ("positive int", None, "CPUs per task"),
+    "executor.mem_gb": ("number", None, "memory per task (GB)"),
+    "executor.gpus": ("int ≥ 0", None, "GPUs per task (cells on device `auto` then plan for cuda)"),
+    "executor.array_parallelism": ("positive int", None, "tasks of the array running at once "
+                                   "(`--array=...%N`)"),
+    "executor.sbatch": ("list of strings", None, "further sbatch flags, `\"--qos=high\"` or `\"--exclusive\"`"),
+    "executor.setup": ("list of strings", None, "shell lines run before each slurm task "
+                       "(`\"module load cuda\"`)"),
     "timing.enabled": ("bool", None, "time the forward"),
     "timing.warmup": ("int ≥ 0", None, "untimed calls first"),
     "timing.repeats": ("positive int", None, "timed calls, at most ..."),
@@ -194,6 +213,10 @@ def declared_keys() -> dict[str, tuple[str, ...]]:
                 out[f"data.{spec_types.SOURCES[index]}"] = keys
         elif "." not in path:
             out[path] = keys
+    if "executor" in out.get("", ()) and "executor" not in out:  # read by executor_spec, not the reader
+        from rfbench.suite.executor_spec import ExecutorSpec
+
+        out["executor"] = tuple(f.name for f in dataclasses.fields(ExecutorSpec))
     if "fit" in out.get("", ()) and "fit" not in out:
         from rfbench.learning.config import HOLDOUT_KEYS, FitConfig
 
@@ -209,6 +232,10 @@ def _defaults(section: str) -> dict[str, str]:
         objs = [FitSpec(), FitConfig()]
     elif section == "data":
         objs = [spec_types.DataSpec(source="synthetic", label=None)]
+    elif section == "executor":
+        from rfbench.suite.executor_spec import ExecutorSpec
+
+        objs = [ExecutorSpec()]
     else:
         names = (section.capitalize() + "Spec", section.rstrip("s").capitalize() + "Spec")
         cls = next((getattr(spec_types, n) for n in names if hasattr(spec_types, n)), None)
@@ -333,8 +360,9 @@ def generate() -> str:
             "",
             "The error-vs-m figure shows the 1/m law per feature map, the error/time-vs-L figure the",
             "break-even length against exact attention, and each figure is drawn once per causal value.",
-            "Adding m values or seeds later and rerunning with `--resume` runs only the new cells;",
-            "`rfbench report A B` merges two folders (a cell in both is taken from the last).",
+            "Adding m values later and rerunning with `--resume` runs only the new cells; more seeds",
+            "rerun each existing estimator cell whole (its seeds are one unit), baselines are kept;",
+            "`rfbench report A B --out DIR` merges two folders (a cell in both is taken from the last).",
             "`suites/quick.toml` is a fully commented suite and `suites/learning.toml` shows `[fit]`."]
     return "\n".join(out) + "\n"
 

@@ -163,3 +163,8 @@ def test_cli_where_errors_are_one_line_with_exit_2(two_folders, capsys, tmp_path
     assert main_entry(["report", str(a), "--where", "colour=red", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'colour'" in err[0]
+    before = (a / "report.html").read_bytes() if (a / "report.html").exists() else None
+    assert main_entry(["report", str(a), str(b)]) == 2  # merged folders: --out is required
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --out DIR" in err[0]
+    assert ((a / "report.html").read_bytes() if (a / "report.html").exists() else None) == before
