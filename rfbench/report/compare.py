@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
     shown = table[~table["verdict"].isin(["same", "noisy"])] if args.changes_only else table
     print(format_table(shown, markdown=args.markdown) if len(shown) else "(no change beyond the threshold)")
     bad = table[table["regression"]]
-    n_cells = table["cell"].nunique()
+    n_cells = table.loc[~table["cell"].str.startswith("estimator:"), "cell"].nunique()  # not the all-cells rows
     n_noisy = int((table["verdict"] == "noisy").sum())
     rule = f"{threshold:.0%} and {z_crit:.2g} noise units (family-wise alpha {args.alpha:g})"
     noisy = f"; {n_noisy} noisy (beyond the threshold, not beyond the noise)" if n_noisy else ""
@@ -167,8 +167,11 @@ def main(args: argparse.Namespace) -> int:
         worst = bad.sort_values("ratio", ascending=False).iloc[0]
         what = "fails now" if worst["metric"] == "status" else f"{worst['metric']} x{worst['ratio']:.2f}"
         names = ", ".join(sorted(set(bad["label"].str.split(" ").str[0])))
-        print(f"\n{len(bad)} regression(s) beyond {rule} in {bad['cell'].nunique()} of {n_cells} "
-              f"common cells ({names}); worst: {worst['label']} {what}{noisy}")
+        n_bad = bad.loc[~bad["cell"].str.startswith("estimator:"), "cell"].nunique()
+        groups = int(bad["cell"].str.startswith("estimator:").sum())
+        where = f"{n_bad} of {n_cells} common cells" + (f" and {groups} all-cells row(s)" if groups else "")
+        print(f"\n{len(bad)} regression(s) beyond {rule} in {where} ({names}); "
+              f"worst: {worst['label']} {what}{noisy}")
         return 1
     print(f"\nno regression beyond {rule}: {n_cells} common cells, {len(table)} comparisons{noisy}")
     return 0

@@ -100,7 +100,7 @@ def test_injected_memory_is_named(base, tmp_path, capsys, monkeypatch):
 
 def _names(summary: str, name: str) -> bool:
     """The summary line's list of regressed estimators, '(a, b)', holds ``name``."""
-    m = re.search(r"common cells \(([^)]*)\)", summary)
+    m = re.search(r"\(([^()]*)\); worst:", summary)
     return bool(m) and name in m.group(1).split(", ")
 
 
