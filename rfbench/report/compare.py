@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
     shown = table[~table["verdict"].isin(["same", "noisy"])] if args.changes_only else table
     print(format_table(shown, markdown=args.markdown) if len(shown) else "(no change beyond the threshold)")
     bad = table[table["regression"]]
-    n_cells = table.loc[~table["cell"].str.startswith("estimator:"), "cell"].nunique()  # not the all-cells rows
+    n_cells = table.loc[~table["cell"].str.startswith("estimator:"), "cell"].nunique()  # no all-cells rows
     n_noisy = int((table["verdict"] == "noisy").sum())
     rule = f"{threshold:.0%} and {z_crit:.2g} noise units (family-wise alpha {args.alpha:g})"
     noisy = f"; {n_noisy} noisy (beyond the threshold, not beyond the noise)" if n_noisy else ""

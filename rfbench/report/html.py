@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
                         help="results folder(s) written by `rfbench run`; several are merged into one "
                              "report (a cell held by more than one is taken from the last given)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR; required with several)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where to write the report (default: RUN_DIR; required with several)")
     parser.add_argument("--where", metavar="KEY=VALUE", action="append", default=[],
                         help="keep only cells whose key column KEY equals VALUE (repeatable; a key "
                              "given twice keeps either value), e.g. --where causal=true")

@@ -100,7 +100,8 @@ MEANINGS: dict[str, tuple[str, str | None, str]] = {
     "executor.gpus": ("int ≥ 0", None, "GPUs per task (cells on device `auto` then plan for cuda)"),
     "executor.array_parallelism": ("positive int", None, "tasks of the array running at once "
                                    "(`--array=...%N`)"),
-    "executor.sbatch": ("list of strings", None, "further sbatch flags, `\"--qos=high\"` or `\"--exclusive\"`"),
+    "executor.sbatch": ("list of strings", None,
+                        "further sbatch flags, `\"--qos=high\"` or `\"--exclusive\"`"),
     "executor.setup": ("list of strings", None, "shell lines run before each slurm task "
                        "(`\"module load cuda\"`)"),
     "timing.enabled": ("bool", None, "time the forward"),
