@@ -164,8 +164,10 @@ def fit_inverse_m(m, values) -> float | None:
     """C of ``values ~ C / m``: least squares in log space with the slope fixed at -1.
 
     log v_i = log C - log m_i, so log C is the mean of log(v_i m_i) over the points with v, m > 0.
-    Monte Carlo averages of m i.i.d. terms have MSE exactly Var_1 / m, so on i.i.d. weights C
-    estimates the one-feature variance Var_1. None with fewer than two usable points.
+    An unbiased average of m i.i.d. terms has expected MSE Var_1 / m, so on i.i.d. weights C
+    estimates the one-feature variance Var_1, as well as the measured means estimate their
+    expectations (poorly where the squared error is heavy-tailed: ``unreliable_means``). None with
+    fewer than two usable points.
     """
     m, values = np.asarray(m, float), np.asarray(values, float)
     keep = (values > 0) & (m > 0)
@@ -350,12 +352,111 @@ def noise_ranks(mean, lo, hi) -> np.ndarray:
     """Ranks that respect the 95% intervals, for rows sorted by mean (best first).
 
     A row's rank is 1 + the number of rows whose interval lies wholly below its own
-    (hi_j < lo_i), raised where needed so that ranks never fall down the table. Rows whose
-    intervals overlap thus share a rank; a row without an interval (one seed) counts as its mean.
-    [n] -> [n] ints
+    (hi_j < lo_i), raised where needed to the rank of the row above it, so that ranks never fall
+    down the table (a wide interval low in the table can have fewer intervals below it than a narrow
+    one above it). Overlapping intervals need not share a rank: of [0.9, 1.1], [0.8, 1.4] and
+    [1.2, 1.6] the last overlaps the second but ranks 2 (the first lies below it), the others 1=.
+    A row without an interval (one seed) counts as its mean. [n] -> [n] ints
     """
     mean = np.asarray(mean, float)
     lo = np.where(np.isfinite(np.asarray(lo, float)), lo, mean)
     hi = np.where(np.isfinite(np.asarray(hi, float)), hi, mean)
     raw = np.array([1 + int(np.sum(hi < lo[i])) for i in range(len(mean))], dtype=int)
     return np.maximum.accumulate(raw) if len(raw) else raw
+
+
+# ------------------------------------------------------------------------------ heavy tails
+#: A closed-form expectation this many times the seeds' mean: the seeds have missed its tail.
+THEORY_GAP = 10.0
+#: One seed holding more than this share of the seeds' sum: the mean is mostly that seed.
+TOP_SEED_SHARE = 0.5
+#: Fewer seeds than this say nothing by one seed's share (of 2 seeds, one always holds over half).
+MIN_TAIL_SEEDS = 5
+
+
+def unreliable_means(rows: pd.DataFrame, results: pd.DataFrame | None,
+                     metric: str = "kernel_rel_mse") -> pd.DataFrame:
+    """The summary ``rows`` whose mean of ``metric`` over seeds does not estimate its expectation,
+    with a ``tail_reason`` column ('closed form 3.1e+09 vs measured 8.2', 'one seed holds 93%').
+
+    A squared kernel error can be heavy-tailed over seeds: PosRF's one-feature variance of a pair is
+    e^(2x.y)(e^(|x+y|^2) - 1) (Performer, Choromanski et al. 2021, Lemma 2), and its average over
+    Gaussian pairs is infinite once an eigenvalue of their second moment reaches 1/6 (docs/theory.md
+    §3.1). The mean of a few seeds is then set by rare draws: it can sit far below the expectation
+    and even rise with m. A cell is flagged where the summary holds the closed-form expectation
+    (``<metric>_theory_mean`` or ``<metric>_theory``) and it is infinite or more than THEORY_GAP
+    times the measured mean; or where, over at least MIN_TAIL_SEEDS ok seeds of ``results``, the
+    largest value holds more than TOP_SEED_SHARE of their sum. A cell not flagged is not thereby
+    shown reliable: a tail that no seed reached leaves no trace in the seeds.
+    """
+    mean_col = value_columns(rows, metric)[0]
+    theory_col = next((c for c in (f"{metric}_theory_mean", f"{metric}_theory") if c in rows), None)
+    share = pd.Series(dtype=float)
+    if results is not None and metric in results and "cell" in results and "cell" in rows:
+        ok = results[(results["status"] == "ok") & results["cell"].isin(rows["cell"])]
+        v = pd.to_numeric(ok[metric], errors="coerce")
+        v = v[np.isfinite(v) & (v >= 0)]
+        grouped = v.groupby(ok.loc[v.index, "cell"])
+        stats = grouped.agg(["max", "sum", "count"])
+        stats = stats[(stats["count"] >= MIN_TAIL_SEEDS) & (stats["sum"] > 0)]
+        share = stats["max"] / stats["sum"]
+    reasons = []
+    for _, r in rows.iterrows():
+        mean, theory = _number(r.get(mean_col)), _number(r.get(theory_col)) if theory_col else math.nan
+        reason = ""
+        if r.get("status") == "ok" and np.isfinite(mean) and mean > 0:
+            if theory == np.inf or (np.isfinite(theory) and theory > THEORY_GAP * mean):
+                reason = f"closed form {theory:.2g} vs measured {mean:.2g}"
+            elif r.get("cell") in share.index and share[r["cell"]] > TOP_SEED_SHARE:
+                reason = f"one seed holds {share[r['cell']]:.0%}"
+        reasons.append(reason)
+    out = rows.assign(tail_reason=reasons)
+    return out[out["tail_reason"] != ""]
+
+
+def _number(v) -> float:
+    """``v`` as a float (NaN where it is missing or not a number)."""
+    try:
+        return float(v) if v is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def cells_text(flagged: pd.DataFrame, by_data: bool = True, limit: int = 8) -> str:
+    """'posrf-iid m=32/128, oprf-orf m=128' of summary rows; where ``by_data``, the m values per data
+    source: 'posrf-iid (isotropic m=32/128; bundled m=128)'. The first ``limit`` estimators."""
+    def ms(g: pd.DataFrame) -> str:
+        values = sorted({int(m) for m in g["num_features"]}) if "num_features" in g else []
+        return f"m={'/'.join(map(str, values))}" if values and values != [0] else ""
+
+    items = []
+    for est, g in flagged.groupby("estimator", sort=True):
+        if by_data and "data" in g:
+            parts = [" ".join(filter(None, (str(d), ms(gd)))) for d, gd in g.groupby("data", sort=True)]
+            items.append(f"{est} ({'; '.join(parts)})")
+        else:
+            items.append(" ".join(filter(None, (str(est), ms(g)))))
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def heavy_tail_note(rows: pd.DataFrame, results: pd.DataFrame | None, metric: str = "kernel_rel_mse",
+                    by_data: bool = True) -> str:
+    """A caption sentence naming the ``rows`` whose mean ``metric`` the seeds cannot estimate
+    (``unreliable_means``), and pointing to output error; '' when none is flagged."""
+    flagged = unreliable_means(rows, results, metric)
+    if flagged.empty:
+        return ""
+    shown = rows[rows["status"] == "ok"] if "status" in rows else rows
+    label = METRICS[metric].label if metric in METRICS else metric
+    by_theory = flagged["tail_reason"].str.startswith("closed form")
+    why = []
+    if by_theory.any():
+        why.append(f"the closed-form expectation is infinite or over {THEORY_GAP:g}x the measured mean")
+    if not by_theory.all():
+        why.append(f"one seed holds over {TOP_SEED_SHARE:.0%} of the seeds' sum")
+    return (f" Unreliable {label}: in {len(flagged)} of {len(shown)} cells ({cells_text(flagged, by_data)}) "
+            f"{' or '.join(why)}. There the squared error is heavy-tailed over seeds, and its Monte Carlo "
+            f"mean over {seeds_text(flagged)} is set by rare draws: it can sit far below the expectation "
+            "and even rise with m. Compare these estimators by output error instead. Cells not flagged "
+            "may still have a tail no seed reached.")

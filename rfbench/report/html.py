@@ -79,16 +79,21 @@ GUIDE = [
     "‖out − out<sub>exact</sub>‖<sub>F</sub> / ‖out<sub>exact</sub>‖<sub>F</sub>. Lower is better for "
     "every metric except throughput.",
     "Axes are logarithmic where the values span a decade or more. On the error-vs-m plots the i.i.d. "
-    "estimator follows the Monte Carlo law MSE ∝ 1/m (slope −1); a weight matrix whose line lies below "
-    "it reduces variance at equal m.",
+    "estimator's <em>expected</em> MSE follows the Monte Carlo law Var₁/m (slope −1); a weight matrix "
+    "whose expected MSE lies below it reduces variance at equal m. Where q and k have large norms the "
+    "squared kernel error is heavy-tailed over seeds: its mean over a few seeds is set by rare draws, can "
+    "sit far below the expectation and even rise with m. Captions name the cells where the closed form "
+    "or one dominant seed shows this; compare those by output error.",
     "Time is the median forward-attention time per call; memory is the peak of one call (see the "
     "metadata for what it measures on this device). Exact attention grows as L², random features as L.",
     "When a run sweeps more axes than a figure shows, the figure picks the most complete slice and its "
     "caption says which (e.g. L=1024, m=64); a run with causal and non-causal cells gets each figure "
     "for both. Each data source has its own leaderboard, at the largest L and m it was run at. "
     "<code>rfbench report DIR --where key=value</code> keeps only the cells you name.",
-    "Leaderboard ranks respect the noise: estimators whose 95% intervals overlap share a rank (marked "
-    "=), and the seeds column says how many seeds each mean is over. The <strong>uniform</strong> "
+    "Leaderboard ranks respect the noise: an estimator's rank is 1 + the number of estimators whose 95% "
+    "interval lies wholly below its own, raised where needed to the rank of the row above so ranks never "
+    "fall down the table; equal ranks are marked =. Overlapping intervals need not share a rank. The "
+    "seeds column says how many seeds each mean is over. The <strong>uniform</strong> "
     "baseline gives every query the mean of the values: an estimator whose output error is above it "
     "does worse than knowing nothing of q and k, and the tables say so.",
     "Cells that ran out of memory, failed or were skipped are listed with their reason in the tables; "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from rfbench.results.schema import STATUSES
+from rfbench.results.schema import RANK_ORDER, STATUSES
 
 
 def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
-    """A short ranked table: per (data, seq_len), the best estimator cells by kernel_rel_mse
-    (by out_rel_err where the kernel was not measured, or where a [fit] section held tokens out:
-    the held-out output error is then the headline), with their time and the baselines' times."""
+    """A short ranked table: per (data, seq_len), the best estimator cells by mean out_rel_err
+    (else kernel_rel_mse, else time_ms: RANK_ORDER, the report's leaderboards' order), with their
+    time and the baselines' times. The title of each group says which metric orders it."""
     lines = []
     counts = summary["status"].value_counts().to_dict()
     lines.append("cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES if counts.get(s)))
@@ -18,11 +18,10 @@ def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
     base = summary[(summary["kind"] == "baseline") & (summary["n_ok"] > 0)]
     groups = list(est.groupby(["data", "seq_len", "causal", "device"], sort=False))
     for (data, L, causal, device), g in groups[:max_groups]:
-        held_out = "fit_len" in g and bool((g["fit_len"] > 0).any())
-        by_kernel = g["kernel_rel_mse_mean"].notna().any() and not held_out
-        metric = "kernel_rel_mse_mean" if by_kernel else "out_rel_err_mean"
-        g = g.sort_values(metric, na_position="last").head(top)
-        title = f"{data}  L={L}{' causal' if causal else ''}  {device}  (ranked by {metric[:-5]})"
+        metric = next((f"{m}_mean" for m in RANK_ORDER if g[f"{m}_mean"].notna().any()), None)
+        g = g.sort_values(metric, na_position="last").head(top) if metric else g.head(top)
+        order = f"ranked by mean {metric[:-5]}, as the report's leaderboards" if metric else "unranked"
+        title = f"{data}  L={L}{' causal' if causal else ''}  {device}  ({order})"
         lines.append("")
         lines.append(title)
         lines.append(f"  {'estimator':<18}{'m':>6}{'kernel_rel_mse':>16}{'out_rel_err':>13}{'time_ms':>10}")

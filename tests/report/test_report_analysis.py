@@ -22,6 +22,7 @@ from rfbench.report.analysis import (
     failed_note,
     fit_inverse_m,
     has_metric,
+    heavy_tail_note,
     iid_overlay,
     in_slice,
     ok_rows,
@@ -32,6 +33,7 @@ from rfbench.report.analysis import (
     series,
     spans_decades,
     uniform_floor,
+    unreliable_means,
     value_columns,
 )
 
@@ -209,3 +211,61 @@ def test_analysis_imports_no_plotting_library():
             "bad = [m for m in ('matplotlib', 'seaborn') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ heavy tails
+def seed_rows(draws: np.ndarray, estimator: str = "posrf-iid") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, results) of one cell per row of ``draws`` [cells, seeds]: per-seed kernel_rel_mse."""
+    summary, results = [], []
+    for i, x in enumerate(draws):
+        cell = f"c{i}"
+        summary.append(dict(cell=cell, estimator=estimator, num_features=32 * (1 + i % 2), n_ok=len(x),
+                            n_seeds=len(x), kernel_rel_mse_mean=float(np.mean(x))))
+        results += [dict(cell=cell, status="ok", seed_index=j, kernel_rel_mse=float(v))
+                    for j, v in enumerate(x)]
+    return summary_rows(summary), pd.DataFrame(results)
+
+
+def test_one_dominant_seed_flags_heavy_tails_and_not_light_ones():
+    """Of 10 i.i.d. exponential seeds (a light tail), the largest exceeds the other nine's sum with
+    probability exactly 10 * 2^-9 = 1.95% (each seed beats the sum of nine others with chance 2^-9);
+    Pareto draws of index 1/2 (infinite mean, like a squared error whose expectation diverges) do
+    so in most cells. 400 cells each: the light rate is bounded 3 binomial standard errors (0.7%)
+    above 1.95%, the heavy one far below Pareto's (about 70%)."""
+    rng = np.random.default_rng(1)
+    light = unreliable_means(*seed_rows(rng.exponential(size=(400, 10))))
+    heavy = unreliable_means(*seed_rows(rng.pareto(0.5, size=(400, 10)) + 1))
+    assert len(light) / 400 < 0.04
+    assert len(heavy) / 400 > 0.5
+    assert heavy["tail_reason"].str.fullmatch(r"one seed holds \d+%").all()
+
+
+def test_one_seed_share_needs_five_seeds_and_a_planted_seed_is_found():
+    x = np.ones((2, 10))
+    x[1, 3] = 50.0  # one seed holds 50/59 of the sum
+    flagged = unreliable_means(*seed_rows(x))
+    assert flagged["cell"].tolist() == ["c1"] and flagged["tail_reason"].iloc[0] == "one seed holds 85%"
+    few = np.array([[1.0, 1.0, 1.0, 100.0]])  # four seeds: one always could hold half; not judged
+    assert unreliable_means(*seed_rows(few)).empty
+    assert unreliable_means(seed_rows(x)[0], None).empty  # no per-seed rows: nothing to judge by
+
+
+def test_a_closed_form_far_above_the_measured_mean_flags_the_cell():
+    summary, results = seed_rows(np.ones((4, 10)))  # no dominant seed anywhere
+    summary["kernel_rel_mse_theory"] = [np.inf, 11.0, 9.0, np.nan]  # measured mean 1 in each
+    flagged = unreliable_means(summary, results)
+    assert flagged["cell"].tolist() == ["c0", "c1"]
+    assert flagged["tail_reason"].tolist() == ["closed form inf vs measured 1",
+                                               "closed form 11 vs measured 1"]
+
+
+def test_heavy_tail_note_names_the_cells_and_points_to_output_error():
+    x = np.ones((3, 10))
+    x[0, 0] = x[2, 5] = 40.0
+    summary, results = seed_rows(x)
+    summary.loc[2, "estimator"] = "oprf-orf"
+    note = heavy_tail_note(summary, results, by_data=False)
+    assert "in 2 of 3 cells (oprf-orf m=32, posrf-iid m=32)" in note
+    assert "one seed holds over 50%" in note and "by output error" in note and "10 seeds" in note
+    assert heavy_tail_note(*seed_rows(np.ones((3, 10)))) == ""
+    assert "(posrf-iid (isotropic m=32))" in heavy_tail_note(*seed_rows(x[:1]))

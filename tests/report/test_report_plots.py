@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import replace
 
 import pandas as pd
 import pytest
-from test_report_synthetic import SMALL, make_run
+from test_report_synthetic import SMALL, make_run, summarise
 
 from rfbench.report import load_run
 from rfbench.report.plots import Figure, Options, Palette, Skip, render_figures
@@ -79,6 +80,39 @@ def test_captions_name_the_slice_and_what_was_left_out(rendered):
     time_caption = figures["error_time_vs_seqlen"].caption
     assert "m=128" in time_caption and "exact L=1024 (oom)" in time_caption
     assert "95%" in figures["kernel_error_vs_features"].caption
+
+
+def test_legend_titles_say_what_colour_and_marker_stand_for(rendered):
+    """Where markers stand for feature maps (the Pareto plot, two maps) the title says so; on the
+    error-vs-m figure the panels are titled by feature map and the legend lists colours only."""
+    _, opts, figures = rendered
+    pareto = svg_text(opts.out_dir.parent / figures["error_vs_time_pareto"].files[1])
+    per_m = svg_text(opts.out_dir.parent / figures["kernel_error_vs_features"].files[1])
+    assert "colour: weight matrix · marker: feature map" in pareto
+    assert "colour: weight matrix" in per_m and "marker: feature map" not in per_m
+    one_map = pd.DataFrame({"feature_map": ["posrf", "posrf"], "weight_matrix": ["iid", "orf"]})
+    assert Palette(one_map).legend_title(one_map) == "colour: weight matrix"
+
+
+def test_var1_over_m_is_called_an_expectation_and_heavy_tails_are_named(tmp_path):
+    """A run of 10 seeds where one seed of posrf-iid at m=64 is 200 times the others: the kernel
+    figure's caption names that cell and says the seeds' mean is unreliable there."""
+    path = make_run(tmp_path / "run", n_seeds=10, **SMALL)
+    results = pd.read_parquet(path / "results.parquet")
+    hit = ((results["estimator"] == "posrf-iid") & (results["num_features"] == 64)
+           & (results["seq_len"] == 256) & (results["seed_index"] == 3))
+    results.loc[hit, "kernel_rel_mse"] *= 200
+    results.to_parquet(path / "results.parquet", index=False)
+    summarise(results, 10).to_parquet(path / "summary.parquet", index=False)
+    opts = Options(out_dir=tmp_path / "figs", formats=("png",), dpi=40, prefer={"seq_len": 256})
+    from rfbench.report.plots import error_heatmap, error_vs_features
+
+    caption = error_vs_features(load_run(path), opts, "kernel_rel_mse", "k").caption
+    assert "expected MSE is Var₁/m (an expectation" in caption and "exactly" not in caption
+    assert "Unreliable kernel relative MSE: in 1 of" in caption and "(posrf-iid m=64)" in caption
+    assert "by output error" in caption
+    grid = error_heatmap(load_run(path), replace(opts, prefer={"seq_len": 256, "num_features": 64}))
+    assert "(posrf-iid m=64)" in grid.caption
 
 
 def test_colours_follow_the_weight_matrix_not_the_run():

@@ -13,7 +13,7 @@ from test_report_synthetic import SMALL, make_run
 from rfbench.errors import DataError, SpecError
 from rfbench.report import Run, apply_where, load_runs, parse_where
 from rfbench.report.analysis import board_slices, noise_ranks
-from rfbench.report.tables import build_tables, to_html, to_markdown, write_tables
+from rfbench.report.tables import RANK_RULE, build_tables, to_html, to_markdown, write_tables
 
 
 def _cell(est, data, L, m, err, lo=None, hi=None, status="ok", kind="estimator", message="", **extra):
@@ -44,13 +44,27 @@ def test_each_source_gets_its_largest_L_and_m():
     assert "Leaderboard: short" in titles and all("?" not in t.caption for t in build_tables(_run(rows)))
 
 
-def test_noise_ranks_share_a_rank_where_intervals_overlap():
+def test_noise_ranks_count_intervals_wholly_below_and_never_fall_down_the_table():
     mean = [1.0, 1.1, 2.0, 2.05, 5.0]
     lo = [0.9, 0.8, 1.9, 1.0, 4.9]
     hi = [1.1, 1.4, 2.1, 3.0, 5.1]
-    # 2.0's interval lies wholly above the first two; 2.05's overlaps 1.1's; 5.0 is above all
+    # 2.0's interval lies wholly above the first two (rank 3); no interval lies below 2.05's, whose
+    # own count (1) is raised to the rank above it (3); 5.0 is above all four
     assert noise_ranks(mean, lo, hi).tolist() == [1, 1, 3, 3, 5]
     assert noise_ranks([1, 2, 3], [np.nan] * 3, [np.nan] * 3).tolist() == [1, 2, 3]  # one seed: by mean
+
+
+def test_overlapping_intervals_need_not_share_a_rank():
+    """The caption's sentence: [1.2, 1.6] overlaps [0.8, 1.4] (rank 1=) yet ranks 2, as
+    [0.9, 1.1] lies wholly below it but not below [0.8, 1.4]."""
+    ranks = noise_ranks([1.0, 1.1, 1.4], [0.9, 0.8, 1.2], [1.1, 1.4, 1.6]).tolist()
+    assert ranks == [1, 1, 2]
+    board = build_tables(_run([_cell("a-iid", "d", 512, 64, 1.0, 0.9, 1.1),
+                               _cell("b-iid", "d", 512, 64, 1.1, 0.8, 1.4),
+                               _cell("c-iid", "d", 512, 64, 1.4, 1.2, 1.6)]))[0]
+    assert [r[0] for r in board.rows] == ["1=", "1=", "2"]
+    assert RANK_RULE in board.caption and "raised where needed" in RANK_RULE
+    assert "need not share a rank" in RANK_RULE
 
 
 def test_leaderboard_marks_shared_ranks_seeds_and_estimators_worse_than_uniform():
@@ -65,6 +79,22 @@ def test_leaderboard_marks_shared_ranks_seeds_and_estimators_worse_than_uniform(
     assert ranked["posrf-orf"][-2] == "4/5" and ranked["posrf-iid"][-2] == "5"
     assert "above uniform" in ranked["trigrf-iid"][-1] and "uniform" not in ranked["posrf-orf"][-1]
     assert "1 of 3 ranked estimators" in board.caption
+
+
+def test_leaderboard_names_the_estimators_whose_kernel_mse_one_seed_decides():
+    """oprf-orf's 10 seeds: nine at 1 and one at 91 (91% of the sum), as the quick suite's heavy
+    tails give; posrf-orf's are all 2. Only oprf-orf is named, and output error is pointed to."""
+    seeds = {"oprf-orf": [1.0] * 9 + [91.0], "posrf-orf": [2.0] * 10}
+    rows = [{**_cell(e, "d", 512, 64, 0.5 + i, kernel_rel_mse_mean=float(np.mean(v))),
+             "n_ok": 10, "n_seeds": 10} for i, (e, v) in enumerate(seeds.items())]
+    results = pd.DataFrame([dict(cell=f"{e}|d|512|64", status="ok", kernel_rel_mse=x)
+                            for e, v in seeds.items() for x in v])
+    board = build_tables(Run(path=".", results=results, summary=pd.DataFrame(rows)))[0]
+    assert "Unreliable kernel relative MSE: in 1 of 2 cells (oprf-orf m=64) one seed holds" in board.caption
+    assert "by output error" in board.caption
+    posrf_only = results[results["cell"].str.startswith("posrf")]
+    light = Run(path=".", results=posrf_only, summary=pd.DataFrame(rows))
+    assert "Unreliable" not in build_tables(light)[0].caption
 
 
 def test_failures_group_identical_reasons_with_a_count():

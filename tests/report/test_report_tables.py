@@ -43,7 +43,7 @@ def test_leaderboard_is_ranked_by_mean_kernel_error_with_its_ci(run, tables):
     assert board.columns[:4] == ["rank", "estimator", "m", "kernel rel. MSE ↓"]
     ranked = [row for row, status in zip(board.rows, board.row_status) if status == "ok"]
     ranks = [int(r[0].rstrip("=")) for r in ranked]
-    assert ranks == sorted(ranks) and ranks[0] == 1  # ties share a rank (marked =)
+    assert ranks == sorted(ranks) and ranks[0] == 1  # equal ranks are marked =
     assert all(r[0].endswith("=") == (ranks.count(int(r[0].rstrip("="))) > 1) for r in ranked)
     means = [float(r[3].split(" ± ")[0]) for r in ranked]
     assert means == sorted(means) and len(ranked) == 11

@@ -240,6 +240,38 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert "8 skipped, 6 oom, 4 error" in text and "see the message column" in text
 
 
+def _console_rows(kernel, output):
+    """A summary of three estimator cells of one group with the given metric means (NaN: absent)."""
+    names = ["darkis-iid", "posrf-orf", "oprf-orf"]
+    return pd.DataFrame({
+        "kind": "estimator", "status": "ok", "n_ok": 10, "data": "isotropic", "seq_len": 512,
+        "causal": False, "device": "cpu", "fit_len": 0, "message": "", "estimator": names,
+        "num_features": [32, 128, 128], "kernel_rel_mse_mean": kernel, "out_rel_err_mean": output,
+        "time_ms_mean": [0.7, 2.0, 1.5]})
+
+
+def _console_order(text: str) -> list[str]:
+    return [line.split()[0] for line in text.splitlines() if line.startswith("  ") and "-" in line.split()[0]]
+
+
+def test_console_summary_ranks_like_the_leaderboards():
+    """darkis-iid's kernel relative MSE 1.01 (what predicting zero scores) would lead a kernel
+    ranking; by output error, the leaderboards' first metric, it comes last."""
+    from rfbench.results.schema import RANK_ORDER
+
+    assert RANK_ORDER[0] == "out_rel_err"
+    text = terminal.format_summary(_console_rows([1.01, 5.0, 114.0], [3.29, 2.30, 2.40]))
+    order = _console_order(text)
+    assert order == ["posrf-orf", "oprf-orf", "darkis-iid"]
+    assert "(ranked by mean out_rel_err, as the report's leaderboards)" in text
+    nan = float("nan")
+    text = terminal.format_summary(_console_rows([1.01, 5.0, 114.0], [nan] * 3))  # no output error
+    assert "ranked by mean kernel_rel_mse" in text
+    text = terminal.format_summary(_console_rows([nan] * 3, [nan] * 3))  # time only
+    order = _console_order(text)
+    assert "ranked by mean time_ms" in text and order == ["darkis-iid", "oprf-orf", "posrf-orf"]
+
+
 def test_cli_exit_code_and_summary(tmp_path, monkeypatch, capsys):
     path = tmp_path / "tiny.toml"
     path.write_text(
@@ -247,7 +279,8 @@ def test_cli_exit_code_and_summary(tmp_path, monkeypatch, capsys):
     )
     assert cli.main_entry(["run", str(path), "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "ranked by kernel_rel_mse" in out and "posrf-iid" in out and "baselines: exact" in out
+    assert "ranked by mean out_rel_err, as the report's leaderboards" in out
+    assert "posrf-iid" in out and "baselines: exact" in out
     monkeypatch.setattr(cells, "run_estimator_cell", lambda *a: 1 / 0)
     assert cli.main_entry(["run", str(path), "--out", str(tmp_path / "b"), "--quiet"]) == 1
     assert "ended in error" in capsys.readouterr().err

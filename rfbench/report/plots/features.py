@@ -12,6 +12,7 @@ from rfbench.report.analysis import (
     estimators,
     failed_note,
     has_metric,
+    heavy_tail_note,
     iid_overlay,
     in_slice,
     ok_rows,
@@ -126,7 +127,7 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
 
         handles.append(Line2D([], [], color="black", ls=":", lw=1.4))
         labels.append(overlay_label)
-    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows, markers=False))
     files = save(fig, name, opts)
     where = [describe_slice({k: v for k, v in fixed.items() if k != "data"}) for _, fixed in slices]
     if len(set(where)) == 1:
@@ -141,8 +142,11 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
                + (", one colour per weight matrix" if not pal.by_feature_map else "") + ". Lower is better.")
     if overlay_label:
         caption += (" Dotted: " + overlay_label + "; i.i.d. weights give an unbiased mean of m i.i.d. "
-                    "terms, so their expected MSE is exactly Var₁/m: a weight matrix below the line "
+                    "terms, so their expected MSE is Var₁/m (an expectation: the mean over a few seeds "
+                    "can fall far below it), and a weight matrix whose expected MSE lies below the line "
                     "beats i.i.d. sampling.")
+    if metric in ("kernel_rel_mse", "kernel_mse"):
+        caption += heavy_tail_note(rows, run.results, metric, by_data=len(datas) > 1)
     if has_floor:
         caption += (" Dashed: the uniform baseline (every query gets the mean of the values it sees), "
                     "the error of an estimator that knows nothing of q and k.")

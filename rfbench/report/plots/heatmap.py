@@ -11,6 +11,7 @@ from rfbench.report.analysis import (
     error_grid,
     estimators,
     has_metric,
+    heavy_tail_note,
     ok_rows,
     pick_slice,
     seeds_text,
@@ -59,4 +60,5 @@ def error_heatmap(run: Run, opts: Options, name: str = "error_heatmap") -> Figur
     caption = (f"Mean {METRICS[metric].label} of every feature map × weight matrix pair in the run"
                f" ({describe_slice(fixed) or 'single slice'}; mean over {seeds}). "
                "Lighter is better; grey cells failed (their status is written in) or were not run (—).")
+    caption += heavy_tail_note(ok_rows(rows, metric), run.results, metric, by_data=False)
     return Figure(name, title, caption, files)

@@ -100,7 +100,7 @@ def pareto(run: Run, opts: Options, name: str = "error_vs_time_pareto") -> Figur
         labels.append(f"{b} (baseline)")
     handles.append(Line2D([], [], color="black", lw=1.1))
     labels.append("Pareto front")
-    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows))
     files = save(fig, name, opts)
     scales = {"log": "log", "linear": "linear"}
     caption = (f"{METRICS[metric].label} against median forward time ({scales[ax.get_xscale()]} x, "

@@ -97,7 +97,7 @@ def error_time_vs_seqlen(run: Run, opts: Options, name: str = "error_time_vs_seq
     drawn = set(uniform["estimator"])  # the approximate baselines on the error panel
     names = sorted(set(base["estimator"]) | drawn)
     handles, labels = pal.legend_handles(rows, names)
-    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows))
     files = save(fig, name, opts)
     slice_txt = describe_slice(fixed)
     caption = (f"Left: {METRICS[err_metric].label if err_metric else ''} against L; right: median forward "
@@ -131,7 +131,7 @@ def memory_vs_seqlen(run: Run, opts: Options, name: str = "memory_vs_seqlen") ->
     seqlen_panel(fig.subplots(), pal, rows, base, "peak_mem_bytes", rows["seq_len"],
                  baseline_bands=False, title=False)
     handles, labels = pal.legend_handles(rows, sorted(base["estimator"].unique()))
-    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title())
+    fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows))
     files = save(fig, name, opts)
     meaning = peak_memory_note(run)
     scale = "log-log" if fig.axes[0].get_yscale() == "log" else "log₂ x, linear y"

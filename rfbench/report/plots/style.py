@@ -136,8 +136,14 @@ class Palette:
             labels.append(f"{b} (baseline)")
         return handles, labels
 
-    def legend_title(self) -> str:
-        return "estimator" if self.by_feature_map else "colour: weight matrix"
+    def legend_title(self, frame=None, markers: bool = True) -> str:
+        """The legend's title, naming what colour and (where ``legend_handles`` lists feature-map
+        markers: ``markers`` and several feature maps in ``frame``) marker stand for."""
+        if self.by_feature_map:
+            return "estimator"
+        if markers and frame is not None and len(self.feature_maps(frame)) > 1:
+            return "colour: weight matrix · marker: feature map"
+        return "colour: weight matrix"
 
     def key_text(self) -> str:
         """What colour and marker mean, for a caption."""
