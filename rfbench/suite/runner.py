@@ -149,6 +149,9 @@ def run_suite(
             write_run(out, meta)
             store.repair_tables(out)
         return out
+    if resume and len(todo) < len(mine) and progress is not False:
+        print(f"rfbench run: resuming {out}: {len(mine) - len(todo)} of {len(mine)} cell(s) finished "
+              f"and kept, {len(todo)} to run", file=sys.stderr)
     threads_before = torch.get_num_threads()
     if suite.timing.threads:
         torch.set_num_threads(suite.timing.threads)

@@ -14,6 +14,11 @@ def format_summary(summary, *, top: int = 5, max_groups: int = 8) -> str:
     lines = []
     counts = summary["status"].value_counts().to_dict()
     lines.append("cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES if counts.get(s)))
+    if "message" in summary:  # why cells did not run, grouped (the report lists them too)
+        for status in ("skipped", "error", "oom", "nonfinite"):
+            why = summary.loc[summary["status"] == status, "message"].fillna("").astype(str)
+            for reason, n in why.value_counts().head(5).items():
+                lines.append(f"  {status} x{n}: {reason[:160] or '(no message)'}")
     est = summary[(summary["kind"] == "estimator") & (summary["n_ok"] > 0)]
     base = summary[(summary["kind"] == "baseline") & (summary["n_ok"] > 0)]
     groups = list(est.groupby(["data", "seq_len", "causal", "device"], sort=False))

@@ -163,6 +163,14 @@ def test_extending_a_sweep_runs_only_the_new_cells(tmp_path, counted):
     assert [r["cells_this_run"] for r in R.load_meta(out).runs] == [2, 18, 16, 0]  # the last: nothing to do
 
 
+def test_a_resume_says_what_it_kept(tmp_path, capsys):
+    out = _run(TINY, tmp_path / "o")
+    wider = TINY.replace("num_features = [4]", "num_features = [4, 8]")
+    capsys.readouterr()
+    runner.run_suite(parse_suite(wider), out, progress=None, resume=True)
+    assert "2 of 3 cell(s) finished and kept, 1 to run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "edit, named",
     [

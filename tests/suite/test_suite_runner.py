@@ -238,6 +238,9 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert (counts["oom"], counts["error"], counts["skipped"]) == (6, 4, 8)  # cells, from the rules above
     text = terminal.format_summary(summary)
     assert "8 skipped, 6 oom, 4 error" in text and "see the message column" in text
+    # the reasons come grouped with a count under the cells line, not only in the report
+    assert "  skipped x8: poisrf-orf:" in text and "does not apply" in text
+    assert "  error x4: ValueError: boom in the cell" in text
 
 
 def _console_rows(kernel, output):
