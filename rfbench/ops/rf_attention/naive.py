@@ -293,7 +293,8 @@ def blocked_rf_attention(
         w = torch.exp2(lk - c_eff.unsqueeze(-1))  # <= 1
         # [v w, w]: the last column gives the denominators' state from the numerators' GEMM (built per
         # block: a whole [..., L, dv + 1] copy would come as fresh pages each call)
-        vw = torch.cat([v[..., i : i + block, :] * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1).transpose(-1, -2)
+        w = w.unsqueeze(-1)
+        vw = torch.cat([v[..., i : i + block, :] * w, w], dim=-1).transpose(-1, -2)
         if ST is None:
             ST = vw @ E
         else:
@@ -302,7 +303,8 @@ def blocked_rf_attention(
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
     dens = []
     for i in range(0, q.shape[-2], block):
-        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite)  # per-query constant dropped: it cancels
+        # the per-query constant is dropped: it cancels
+        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite)
         if sign is not None:
             Q.mul_(sign)
         # numerators and denominators apart: a GEMM with N = dv (64) runs ~15 % faster than with
@@ -311,9 +313,10 @@ def blocked_rf_attention(
         dens.append(torch.linalg.vecdot(Q, ST[..., -1:, :]).unsqueeze(-1))  # [..., n, 1]
         torch.div(num, dens[-1], out=out[..., i : i + block, :])
     bad = _underflowed(torch.cat(dens, dim=-2), k.shape[-2] * F)  # one check for all rows
-    rescue = [] if not bool(bad.any()) else [
-        (i, bad[..., i : i + block, :]) for i in range(0, q.shape[-2], block) if bool(bad[..., i : i + block, :].any())
-    ]  # query blocks with an underflowed denominator (module docstring)
+    rescue = []  # query blocks with an underflowed denominator (module docstring)
+    if bool(bad.any()):
+        rescue = [(i, bad[..., i : i + block, :]) for i in range(0, q.shape[-2], block)]
+        rescue = [(i, b) for i, b in rescue if bool(b.any())]
     if rescue:
         Wn, bn, b0n = nat.W.transpose(-1, -2), *_split_bias(nat.bias)
         lk = k @ Wn + (_row_term(k, nat, b0n).unsqueeze(-1) if bn is None else
@@ -400,7 +403,8 @@ def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
     w = _exp2_nonpos(cs[..., :-1, None] - mc, finite).unsqueeze(-1)  # [..., nc, C, 1]: 2^(c_(j-1) - m_t)
     nd[..., 0, :, :].add_((Qc[..., 0, :, :] @ ST.transpose(-1, -2)).mul_(w[..., 0, :, :]))
     if nc > 1:
-        nd[..., 1:, :, :].add_((Qc[..., 1:, :, :] @ PT[..., :-1, :, :].transpose(-1, -2)).mul_(w[..., 1:, :, :]))
+        prev = PT[..., :-1, :, :].transpose(-1, -2)  # S_1 .. S_(nc-1)
+        nd[..., 1:, :, :].add_((Qc[..., 1:, :, :] @ prev).mul_(w[..., 1:, :, :]))
     ST = P[-1]
     torch.div(nd[..., :-1], nd[..., -1:], out=out.unflatten(-2, (nc, C)))
     return ST, cs[..., -1]
