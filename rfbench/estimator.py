@@ -323,7 +323,7 @@ class Estimator:
         causal: bool = False,
         *,
         scale: float | None = None,
-        chunk: int = 128,
+        chunk: int | None = None,
         check: bool = True,
     ) -> torch.Tensor:
         """Random-feature attention, approximating softmax(q k^T * scale) v.
@@ -334,11 +334,14 @@ class Estimator:
         fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math); elsewhere
         exponential maps take ``ops.blocked_rf_attention`` (same math, fewer passes over memory)
         unless a gradient is needed.
+        ``chunk``: tokens per causal chunk; None picks one by L (``ops.blocked_rf_attention``;
+        128 on the torch path).
         ``check=False`` skips the NaN/Inf scan of q, k and v (shapes are still checked): for a
         timed loop whose inputs were validated once (the scan is one read of each input).
         """
         check_qkv(q, k, v, dim=self.dim, finite=check)
-        check_positive_int(chunk, "chunk", hint=" (tokens per causal block)")
+        if chunk is not None:
+            check_positive_int(chunk, "chunk", hint=" (tokens per causal block)")
         if causal and q.shape[-2] != k.shape[-2]:
             raise EstimatorError(
                 f"causal attention needs as many queries as keys, got Lq={q.shape[-2]}, Lk={k.shape[-2]}"
@@ -366,7 +369,7 @@ class Estimator:
             return out.to(out_dtype)
         qs, ks = self._cast(q) * s, self._cast(k) * s
         Q, _, K, mk = self._stable_features(qs, ks, params, causal=causal)
-        return linear_attention(Q, K, mk, v, causal, chunk).to(out_dtype)
+        return linear_attention(Q, K, mk, v, causal, 128 if chunk is None else chunk).to(out_dtype)
 
     def _needs_grad(self, *tensors) -> bool:
         """True when autograd records the call (the blocked path builds its features in place)."""

@@ -88,12 +88,16 @@ def _posrf_vs_plain(cfg, attention, timing):
     return res
 
 
-def test_cpu_attention_beats_plain_torch_posrf(speed_bounds, timing):
+PLAIN_KEYS = ["attention_vs_plain", "attention_vs_plain_1k"]  # L = 4096 and L = 1024
+
+
+@pytest.mark.parametrize("key", PLAIN_KEYS)
+def test_cpu_attention_beats_plain_torch_posrf(key, speed_bounds, timing):
     """Estimator.attention against PosRF in 20 lines of plain torch (issue 16): the blocked path
     must stay well ahead; the pre-issue-16 path (~1.3x the plain one) fails the bound."""
-    cfg = speed_bounds["cpu"]["attention_vs_plain"]
+    cfg = speed_bounds["cpu"][key]
     res = _posrf_vs_plain(cfg, lambda est, q, k, v: est.attention(q, k, v), timing)
-    _report("cpu.attention_vs_plain", res, cfg["max_ratio"])
+    _report(f"cpu.{key}", res, cfg["max_ratio"])
     assert res["ratio"] <= cfg["max_ratio"], (
         f"Estimator.attention took {res['ratio']:.2f}x the time of a plain torch PosRF (bound "
         f"{cfg['max_ratio']}; ~{cfg['measured']} expected, ~{cfg['measured_before']} before issue 16): "
@@ -101,13 +105,14 @@ def test_cpu_attention_beats_plain_torch_posrf(speed_bounds, timing):
     )
 
 
-def test_cpu_attention_gate_fails_on_the_old_path(speed_bounds, timing):
+@pytest.mark.parametrize("key", PLAIN_KEYS)
+def test_cpu_attention_gate_fails_on_the_old_path(key, speed_bounds, timing):
     """The bound above is a real gate: the path as it was before issue 16 fails it."""
     from tests.bench.legacy_attention import legacy_attention
 
-    cfg = speed_bounds["cpu"]["attention_vs_plain"]
+    cfg = speed_bounds["cpu"][key]
     res = _posrf_vs_plain(cfg, legacy_attention, timing)
-    _report("cpu.attention_vs_plain (old path)", res, cfg["max_ratio"])
+    _report(f"cpu.{key} (old path)", res, cfg["max_ratio"])
     assert res["ratio"] > cfg["max_ratio"], (
         f"the pre-issue-16 path passes the bound ({res['ratio']:.2f} <= {cfg['max_ratio']}): "
         "the gate would not catch a fall-back to it"

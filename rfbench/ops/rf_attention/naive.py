@@ -174,7 +174,22 @@ def _underflowed(den: torch.Tensor, n_terms: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the CPU/torch fast path
-BLOCK = 512  # tokens per feature block: a [H, 512, 256] float32 block (4 MiB at H = 8) stays in L3
+LOG2E = 1.0 / math.log(2.0)
+
+
+def _blocks(L: int, causal: bool) -> tuple[int, int]:
+    """``(block, chunk)`` tokens by default: blocks of 128, causal chunks of 64.
+
+    Small blocks, above all, because of the allocator: with glibc, a temporary of a few MiB
+    freed every block comes back as fresh pages (a page fault per 4 KiB, ~1.7 us here), and at
+    L = 1,024 512-token blocks took ~4,800 faults per call (~8 ms of ~27 ms, 1 thread); with
+    ``[H, 128, F]`` temporaries (1 MiB at H = 8, F = 256) they were mostly gone and, with the faults
+    switched off (MALLOC_TRIM_THRESHOLD_), blocks of 128-1,024 ran alike. Causal chunks of 64 (two per
+    block): the masked chunk-local scores cost 2 C (F + dv + 1) per token; 32 made the chunk
+    states' GEMMs too thin, a block of one 128-chunk did twice the local work (tests/bench/README.md).
+    ``L`` is unused for now: the same sizes won from 1,024 to 16,384 tokens.
+    """
+    return (128, 64) if causal else (128, 0)
 
 
 def _split_bias(bias: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -190,23 +205,31 @@ def _split_bias(bias: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
 
 
 def _row_term(x: torch.Tensor, form: ExpForm, b0: torch.Tensor) -> torch.Tensor:
-    """``[..., L]``: coef |P x|^2 + b0, the part of every log-feature of a token shared by its features."""
+    """``[..., L]``: coef |P x|^2 + b0, the part of every log-feature of a token shared by its features
+    (a norm, not (y * y).sum(): no ``[..., L, d]`` temporary)."""
     y = x if form.P is None else x @ form.P.transpose(-1, -2)
-    return form.coef * (y * y).sum(-1) + b0
+    return torch.linalg.vector_norm(y, dim=-1).square_().mul_(form.coef).add_(b0)
 
 
 def _exp_block(
-    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None, finite: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, r)``: E = exp(a - r) ``[..., n, F]`` built in place, a = x W^T (+ bias_f), r ``[..., n]``
-    its row max (the per-token stabiliser; -inf -> 0 as in ``stabiliser_constant``)."""
+    """``(E, r)``: E = 2^(a - r) ``[..., n, F]`` built in place, a = x W^T (+ bias_f) (base-2
+    log-features), r ``[..., n]`` its row max (the per-token stabiliser; -inf -> 0 as in
+    ``stabiliser_constant``, a case only a bias of -inf for every feature makes: ``finite`` False)."""
     a = x @ Wt
     if bias is not None:
         a.add_(bias.unsqueeze(-2))
     r = a.amax(dim=-1)
-    r_eff = r.masked_fill(r == -math.inf, 0.0)
-    a.sub_(r_eff.unsqueeze(-1)).exp_()
+    a.sub_((r if finite else r.masked_fill(r == -math.inf, 0.0)).unsqueeze(-1)).exp2_()
     return a, r
+
+
+def _exp2_nonpos(x: torch.Tensor, finite: bool) -> torch.Tensor:
+    """2^x in place for exponents <= 0. They are so whenever every log-feature is finite
+    (differences to a running max); otherwise (a prefix of all-zero keys) the clamp stops
+    0 * inf = NaN, as in ``_causal_linear_attention``."""
+    return (x if finite else x.clamp_(max=0)).exp2_()
 
 
 def blocked_rf_attention(
@@ -216,14 +239,15 @@ def blocked_rf_attention(
     form: ExpForm,
     causal: bool = False,
     *,
-    chunk: int = 128,
-    block: int = BLOCK,
+    chunk: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """``torch_rf_attention``'s result (same math, float rounding apart) with fewer passes over memory.
 
     q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` in one floating dtype (the compute
     dtype) -> ``[..., Lq, dv]``. Features are built ``block`` tokens at a time (one GEMM, one row
-    max, in-place sub and exp), so no ``[..., L, F]`` matrix is held whole.
+    max, in-place sub and exp), so no ``[..., L, F]`` matrix is held whole; causal attention
+    works in chunks of ``chunk`` tokens. None: by L (``_blocks``).
 
     Each token's log-features are l_tf = a_tf + t_t with a = x W^T (+ a per-feature bias) and t_t
     = coef |P x_t|^2 (+ a bias shared by all features). The features are stored as
@@ -234,95 +258,153 @@ def blocked_rf_attention(
     ``[..., n, dv + 1]`` matrix whose last column yields the denominators in the same GEMM.
     Non-causal: c is the running max of l over the key blocks; the state sum_s E_s^T [v_s, 1]
     e^(l_s - c) is rescaled by e^(c_old - c_new) <= 1 when c grows (exact, like the
-    online softmax). Causal: the chunked recurrence of ``linear_attention`` with the prefix max.
+    online softmax). Causal: ``_causal_chunks``, with the prefix max.
+
+    Everything runs in base 2: the form's W, bias and coef times log2(e) give l log2(e), and
+    exp(l - c) = 2^((l - c) log2 e), exact up to the rounding of the products (torch's exp2 runs ~3x
+    faster than its exp on CPU float32; the stabilisers are unchanged, only their unit).
     """
     form = form.to(device=q.device, dtype=q.dtype)
+    nat = form  # natural-log form: the rescue of underflowed rows (per_feature_attention) uses it
+    form = ExpForm(form.W * LOG2E, form.bias * LOG2E, form.coef * LOG2E, form.P, form.sign)
     Wt = form.W.transpose(-1, -2)  # [..., d, F]
     bias, b0 = _split_bias(form.bias)
+    # every token has a finite largest log-feature unless some row of bias is -inf throughout
+    finite = bias is None or bool(torch.isfinite(bias.amax(dim=-1)).all())
     sign = form.sign
-    # [v, 1]: the ones column gives each row's denominator from the numerator's GEMM
-    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    auto_block, auto_chunk = _blocks(q.shape[-2], causal)
+    block = auto_block if block is None else block
     if causal:
+        chunk = auto_chunk if chunk is None else chunk
         block = chunk * max(1, block // chunk)
-        return _blocked_causal(q, k, v1, Wt, bias, b0, sign, form, chunk, block)
+        return _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], form.lead_shape())
-    F, dv1 = Wt.shape[-1], v1.shape[-1]
+    F, dv1 = Wt.shape[-1], v.shape[-1] + 1
     # S^T = sum_s [v_s, 1]^T E_s e^(l_s - c), held transposed: ([v, 1] w)^T E runs ~15 % faster
     # than E^T ([v, 1] w) (BLAS prefers the long F = 256 side as the output's columns)
-    ST = q.new_zeros(*lead, dv1, F)
+    ST = None
     c = q.new_full(lead, -math.inf)  # the running key constant (max l so far)
+    lk_all = _row_term(k, form, b0)  # [..., Lk]: the shared part of each key's log-features
     for i in range(0, k.shape[-2], block):
-        kb = k[..., i : i + block, :]
-        E, r = _exp_block(kb, Wt, bias)
-        lk = r + _row_term(kb, form, b0)  # [..., n]: each key's max log-feature
+        E, r = _exp_block(k[..., i : i + block, :], Wt, bias, finite)
+        lk = r + lk_all[..., i : i + block]  # [..., n]: each key's max log-feature
         c_new = torch.maximum(c, lk.amax(dim=-1))
-        c_eff = c_new.masked_fill(c_new == -math.inf, 0.0)  # all-zero keys so far: constant 0
-        w = torch.exp(lk - c_eff.unsqueeze(-1))  # <= 1
-        vw = (v1[..., i : i + block, :] * w.unsqueeze(-1)).transpose(-1, -2)
-        ST = ST * torch.exp(c - c_eff)[..., None, None] + vw @ E
+        c_eff = c_new if finite else c_new.masked_fill(c_new == -math.inf, 0.0)  # all-zero keys: 0
+        w = torch.exp2(lk - c_eff.unsqueeze(-1))  # <= 1
+        # [v w, w]: the last column gives the denominators' state from the numerators' GEMM (built per
+        # block: a whole [..., L, dv + 1] copy would come as fresh pages each call)
+        w = w.unsqueeze(-1)
+        vw = torch.cat([v[..., i : i + block, :] * w, w], dim=-1).transpose(-1, -2)
+        if ST is None:
+            ST = vw @ E
+        else:
+            ST = ST * torch.exp2(c - c_eff)[..., None, None] + vw @ E
         c = c_new
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
-    rescue = []  # query blocks with an underflowed denominator (module docstring)
+    dens = []
     for i in range(0, q.shape[-2], block):
-        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias)  # per-query constant dropped: it cancels
+        # the per-query constant is dropped: it cancels
+        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite)
         if sign is not None:
             Q.mul_(sign)
-        nd = Q @ ST.transpose(-1, -2)
-        torch.div(nd[..., :-1], nd[..., -1:], out=out[..., i : i + block, :])
-        bad = _underflowed(nd[..., -1:], k.shape[-2] * F)
-        if bool(bad.any()):
-            rescue.append((i, bad))
+        # numerators and denominators apart: a GEMM with N = dv (64) runs ~15 % faster than with
+        # dv + 1, and a GEMV through bmm ~7x slower than vecdot
+        num = Q @ ST[..., :-1, :].transpose(-1, -2)
+        dens.append(torch.linalg.vecdot(Q, ST[..., -1:, :]).unsqueeze(-1))  # [..., n, 1]
+        torch.div(num, dens[-1], out=out[..., i : i + block, :])
+    bad = _underflowed(torch.cat(dens, dim=-2), k.shape[-2] * F)  # one check for all rows
+    rescue = []  # query blocks with an underflowed denominator (module docstring)
+    if bool(bad.any()):
+        rescue = [(i, bad[..., i : i + block, :]) for i in range(0, q.shape[-2], block)]
+        rescue = [(i, b) for i, b in rescue if bool(b.any())]
     if rescue:
-        lk = k @ Wt + (_row_term(k, form, b0).unsqueeze(-1) if bias is None else
-                       bias.unsqueeze(-2) + _row_term(k, form, b0).unsqueeze(-1))
+        Wn, bn, b0n = nat.W.transpose(-1, -2), *_split_bias(nat.bias)
+        lk = k @ Wn + (_row_term(k, nat, b0n).unsqueeze(-1) if bn is None else
+                       bn.unsqueeze(-2) + _row_term(k, nat, b0n).unsqueeze(-1))
         for i, bad in rescue:
             qb = q[..., i : i + block, :]
-            lq = qb @ Wt if bias is None else qb @ Wt + bias.unsqueeze(-2)
-            alt = per_feature_attention(lq, lk, v1[..., :-1], sign)
+            lq = qb @ Wn if bn is None else qb @ Wn + bn.unsqueeze(-2)
+            alt = per_feature_attention(lq, lk, v, sign)
             sl = out[..., i : i + block, :]
             sl.copy_(torch.where(bad, alt.expand_as(sl), sl))
     return out
 
 
-def _blocked_causal(q, k, v1, Wt, bias, b0, sign, form, chunk, block):
-    """Causal ``blocked_rf_attention``: query t sees keys s <= t, each weighted e^(l_s - m_t) with
+def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
+    """Causal ``blocked_rf_attention``: query t sees keys s <= t, each weighted 2^(l_s - m_t) with
     m_t the prefix max of l (``stabiliser_constant(., "prefix")``: -inf -> 0), never a later token.
 
-    Per chunk of ``chunk`` tokens: the carried state (relative to the constant c at the end of the
-    previous chunk) times e^(c - m_t), plus the masked intra-chunk scores. Exponents are clamped
-    at 0 as in ``_causal_linear_attention`` (they are <= 0 but after a prefix of all-zero keys).
+    All chunks of a block at once (``_causal_chunks``); the state carried between blocks is
+    sum_s E_s^T [v_s, 1] 2^(l_s - c), c the prefix max at the end of the previous block.
     """
     L = q.shape[-2]
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v1.shape[:-2], form.lead_shape())
-    F, dv1 = Wt.shape[-1], v1.shape[-1]
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], form.lead_shape())
+    F, dv1 = Wt.shape[-1], v.shape[-1] + 1
     out = q.new_empty(*lead, L, dv1 - 1)
-    S = q.new_zeros(*lead, F, dv1)
-    c = q.new_full(lead, -math.inf)
-    run = q.new_full(lead, -math.inf)  # prefix max of l before this block
-    future_full = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # [t, s]: s > t
+    ST, c, run = q.new_zeros(*lead, dv1, F), None, None  # the carried state (transposed), its constant
+    lk_all = _row_term(k, form, b0)  # [..., L]: the shared part of each key's log-features
     for b in range(0, L, block):
-        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias)
+        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite)
         if sign is not None:
             Q.mul_(sign)
-        kb = k[..., b : b + block, :]
-        E, r = _exp_block(kb, Wt, bias)
-        lk = (r + _row_term(kb, form, b0)).expand(*lead, -1)  # [..., n]
-        pm = torch.maximum(torch.cummax(lk, dim=-1).values, run.unsqueeze(-1))
+        E, r = _exp_block(k[..., b : b + block, :], Wt, bias, finite)
+        lk = (r + lk_all[..., b : b + block]).expand(*lead, -1)  # [..., n]: each key's max log-feature
+        pm = torch.cummax(lk, dim=-1).values
+        if run is not None:  # prefix max of l before this block
+            pm = torch.maximum(pm, run.unsqueeze(-1))
         run = pm[..., -1]
-        mk = pm.masked_fill(pm == -math.inf, 0.0)
-        for j in range(0, Q.shape[-2], chunk):
-            sl = slice(j, j + chunk)
-            Qc, Ec, lc, mc = Q[..., sl, :], E[..., sl, :], lk[..., sl], mk[..., sl]
-            vc = v1[..., b + j : b + j + chunk, :]
-            n = mc.shape[-1]
-            nd = (Qc @ S).mul_(torch.exp((c.unsqueeze(-1) - mc).clamp(max=0)).unsqueeze(-1))
-            dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).clamp(max=0)  # [..., t, s] = l_s - m_t
-            A = (Qc @ Ec.transpose(-1, -2)).mul_(dec.masked_fill_(future_full[:n, :n], -math.inf).exp_())
-            nd.add_(A @ vc)
-            torch.div(nd[..., :-1], nd[..., -1:], out=out[..., b + j : b + j + n, :])
-            c_new = mc[..., -1]
-            wr = torch.exp((lc - c_new.unsqueeze(-1)).clamp(max=0))
-            carry = torch.exp((c - c_new).clamp(max=0))[..., None, None]
-            S = S * carry + Ec.transpose(-1, -2) @ (vc * wr.unsqueeze(-1))
-            c = c_new
+        mk = pm if finite else pm.masked_fill(pm == -math.inf, 0.0)
+        if c is None:  # no state yet (S = 0): any constant <= m_t will do; m_0 keeps 2^(c - m_t) <= 1
+            c = mk[..., 0]
+        n = lk.shape[-1]
+        vb = v[..., b : b + block, :]
+        v1 = torch.cat([vb, vb.new_ones(*vb.shape[:-1], 1)], dim=-1)  # [v, 1]: the ones give the denominators
+        full = n - n % chunk
+        for lo, hi in ((0, full), (full, n)):  # whole chunks, then the ragged tail (if any)
+            if hi > lo:
+                ST, c = _causal_chunks(
+                    Q[..., lo:hi, :], E[..., lo:hi, :], lk[..., lo:hi], mk[..., lo:hi],
+                    v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite,
+                )
     return out
+
+
+def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
+    """Causal attention of ``n = nc * C`` tokens in ``nc`` chunks of ``C``, written into ``out``;
+    returns the state after them and its constant.
+
+    Q, E ``[..., n, F]`` (query / key features), lk, mk ``[..., n]`` (key log-maxima l and prefix
+    maxima m, base 2), v1 ``[..., n, dv + 1]``, ST ``[..., dv + 1, F]`` the incoming state
+    (transposed) relative to c ``[...]``. With c_j = m at the end of chunk j (c_-1 = c) and
+    P_j = E_j^T ([v, 1] 2^(l - c_j)), the state before chunk j is
+    S_j = 2^(c_(j-2) - c_(j-1)) S_(j-1) + P_(j-1) (S_0 = ST). Query t of chunk j gets
+    2^(c_(j-1) - m_t) phi(q_t) S_j plus its own chunk's scores times the exact decay 2^(l_s - m_t),
+    s <= t. Every factor is 2^(x <= 0) and depends on tokens <= t only; a later token of the
+    chunk enters only times an exact 0 (the zeroed upper triangle).
+    """
+    n = Q.shape[-2]
+    nc = n // C
+    Qc, Ec, vc = Q.unflatten(-2, (nc, C)), E.unflatten(-2, (nc, C)), v1.unflatten(-2, (nc, C))
+    lc, mc = lk.unflatten(-1, (nc, C)), mk.unflatten(-1, (nc, C))
+    cs = torch.cat([c.unsqueeze(-1), mc[..., -1]], dim=-1)  # [..., nc + 1]: c, c_0, ..., c_(nc-1)
+    # intra-chunk scores [..., nc, t, s] times 2^(l_s - m_t); tril_ zeroes s > t (any value there)
+    dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).exp2_().tril_()
+    nd = (Qc @ Ec.transpose(-1, -2)).mul_(dec) @ vc  # [..., nc, C, dv1]
+    # P_j transposed: ([v, 1] w)^T E is the faster GEMM, as for the non-causal state
+    PT = (vc * _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1)).transpose(-1, -2) @ Ec
+    carry = _exp2_nonpos(cs[..., :-1] - cs[..., 1:], finite)[..., None, None].unbind(-3)
+    if PT.shape[:-3] != ST.shape[:-2]:  # queries with more leading dims than keys: one state each
+        PT = PT.expand(*ST.shape[:-2], *PT.shape[-3:]).contiguous()
+    # in place, PT[j] becomes S_(j+1) (relative to c_j): no separate buffer of states
+    P = PT.unbind(-3)
+    P[0].addcmul_(ST, carry[0])
+    for j in range(1, nc):
+        P[j].addcmul_(P[j - 1], carry[j])
+    w = _exp2_nonpos(cs[..., :-1, None] - mc, finite).unsqueeze(-1)  # [..., nc, C, 1]: 2^(c_(j-1) - m_t)
+    nd[..., 0, :, :].add_((Qc[..., 0, :, :] @ ST.transpose(-1, -2)).mul_(w[..., 0, :, :]))
+    if nc > 1:
+        prev = PT[..., :-1, :, :].transpose(-1, -2)  # S_1 .. S_(nc-1)
+        nd[..., 1:, :, :].add_((Qc[..., 1:, :, :] @ prev).mul_(w[..., 1:, :, :]))
+    ST = P[-1]
+    torch.div(nd[..., :-1], nd[..., -1:], out=out.unflatten(-2, (nc, C)))
+    return ST, cs[..., -1]
