@@ -74,6 +74,10 @@ _DECLARED: tuple[Column, ...] = (
     _key("seed_index", "int64"),
     _metric("kernel_mse", "kernel MSE"),
     _metric("kernel_rel_mse", "kernel relative MSE", short="kernel rel. MSE"),
+    # E[kernel_rel_mse] over seeds in closed form (rfbench.metrics.expected): the same in every
+    # seed row of a cell; NaN without a closed form (coupled rows, fitted maps), inf where infinite
+    _metric("kernel_rel_mse_theory", "kernel relative MSE, closed-form expectation",
+            short="kernel rel. MSE (closed form)", later=True),
     _metric("attn_mse", "attention-matrix MSE", short="attn. MSE"),
     _metric("out_rel_err", "attention-output relative error", short="output rel. error"),
     _metric("target_kernel_rel_mse", "own-kernel relative MSE"),

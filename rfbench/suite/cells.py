@@ -4,7 +4,9 @@ For each estimator cell and seed: draw (``make_estimator``, ``draw_ms``), fit on
 whole q and k at the attention scale (``fit_ms``; data-dependent maps only, also for causal
 cells, knowingly), the attention output against float64 exact attention (``out_rel_err``), the
 forward time and peak memory (seed 0 only unless ``timing.all_seeds``), and the streamed kernel
-metrics of rfbench.metrics over all seeds together (bias2 and mc_variance need them all).
+metrics of rfbench.metrics over all seeds together (bias2 and mc_variance need them all), with
+the closed-form expectation of kernel_rel_mse where one exists (``kernel_rel_mse_theory``, once
+per cell; rfbench.metrics.expected).
 Estimators whose kernel is not the softmax (DARK, learned ones) are also scored against their
 own kernel (``target_*``; NaN where it has no closed form). Baselines (``baselines.py``) are
 cells of their own with one run each.
@@ -279,6 +281,8 @@ def run_estimator_cell(cell: Cell, ctx: Context, suite: Suite) -> tuple[list[dic
 def _kernel_metrics(ests: list, rows: list[dict], ctx: Context, suite: Suite, causal: bool) -> dict:
     """Fill the rows' streamed kernel metrics; return the cell's cross-seed statistics."""
     rows_idx = None if ctx.rows is None else ctx.rows.to(ctx.q.device)
+    if suite.metrics.kernel:  # the same for every seed: once per cell (NaN without a closed form)
+        theory = M.expected_kernel_rel_mse(ests[0], ctx.q, ctx.k, scale=ctx.scale, rows=rows_idx)
     ke = M.kernel_errors(
         ests,
         ctx.q,
@@ -293,6 +297,7 @@ def _kernel_metrics(ests: list, rows: list[dict], ctx: Context, suite: Suite, ca
     for i, row in enumerate(rows):
         if suite.metrics.kernel:
             row["kernel_mse"], row["kernel_rel_mse"] = ke.kernel_mse[i], ke.kernel_rel_mse[i]
+            row["kernel_rel_mse_theory"] = theory
             if ke.target_kernel_rel_mse is not None:
                 row["target_kernel_rel_mse"] = ke.target_kernel_rel_mse[i]
         if ke.attn_mse is not None:

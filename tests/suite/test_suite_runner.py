@@ -170,6 +170,33 @@ def test_metrics_agree_with_a_direct_computation(full_run):
     assert cell_stats["mc_variance"] == pytest.approx(ke.mc_variance, rel=1e-12)
 
 
+def test_closed_form_expectation_is_stored_per_cell(full_run):
+    """posrf-iid cells store E[kernel_rel_mse] (the same in each seed row, = metrics.expected on the
+    cell's data and scored rows) and the summary names it kernel_rel_mse_theory_mean, the column the
+    report's heavy-tail flag reads; coupled (hyprf-orf) and fitted (darkis-iid) cells store NaN."""
+    out, df = full_run
+    est = df[df["kind"] == "estimator"]
+    theory = est.groupby("cell")["kernel_rel_mse_theory"]
+    assert (theory.nunique(dropna=False) == 1).all()
+    posrf = est["estimator"] == "posrf-iid"
+    assert est.loc[posrf, "kernel_rel_mse_theory"].gt(0).all()
+    assert est.loc[~posrf, "kernel_rel_mse_theory"].isna().all()
+    assert df.loc[df["kind"] == "baseline", "kernel_rel_mse_theory"].isna().all()
+    rows = est[posrf & (est["data"] == "isotropic") & (est["seq_len"] == 40) & (est["num_features"] == 8)
+               & ~est["causal"]]
+    from rfbench.data import synthetic
+
+    q, k, _ = synthetic.make("isotropic", seq_len=40, dim=8, heads=2)
+    source = next(s for s in prepare_sources(_suite()) if s.label == "isotropic")
+    sample = M.sample_rows(40, 30, seed=derive_seed({"data": source.key, "seq_len": 40}, 0, 0))
+    e = rb.make_estimator("posrf-iid", 8, 8)
+    assert rows["kernel_rel_mse_theory"].iloc[0] == pytest.approx(
+        M.expected_kernel_rel_mse(e, q, k, scale=8**-0.5, rows=sample), rel=1e-12)
+    summary = pd.read_parquet(out / "summary.parquet")
+    got = summary.set_index("cell").loc[rows["cell"].iloc[0], "kernel_rel_mse_theory_mean"]
+    assert got == pytest.approx(rows["kernel_rel_mse_theory"].iloc[0], rel=1e-12)
+
+
 def test_seeds_do_not_depend_on_order_or_sharding(full_run, tmp_path, monkeypatch):
     _, full = full_run
     shards = [
