@@ -142,6 +142,14 @@ def test_closed_form_overlay_is_drawn_when_the_run_stores_it(tmp_path):
     fig = error_vs_features(load_run(path), opts, "kernel_rel_mse", "k")
     assert "closed form, i.i.d. (rfbench.theory)" in svg_text(tmp_path / "figs" / "k.svg")
     assert "Var₁/m" in fig.caption
+    # panels without a closed form fall back to the fitted C/m: both are named, each its own style
+    summary.loc[summary["feature_map"] == "hyprf", "kernel_rel_mse_theory"] = float("nan")
+    summary.to_parquet(path / "summary.parquet")
+    fig = error_vs_features(load_run(path), opts, "kernel_rel_mse", "k2")
+    assert "dotted: closed form, i.i.d. (rfbench.theory)" in fig.caption
+    assert "dash-dotted: i.i.d. law C/m (C fitted to iid)" in fig.caption
+    svg = svg_text(tmp_path / "figs" / "k2.svg")
+    assert "closed form, i.i.d." in svg and "C fitted to iid" in svg
 
 
 def test_figures_without_data_are_skipped_with_a_reason(tmp_path):

@@ -80,7 +80,7 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
     # decades above the others', and a shared axis would flatten them.
     fig = new_figure(PANEL_W * ncols + 1.6, PANEL_H * nrows)
     grid = fig.subplots(nrows, ncols, sharex=True, sharey=False, squeeze=False)
-    overlay_label = None
+    overlays: dict[str, str] = {}  # label -> line style: the closed form and the fitted C/m differ
     floors = {
         d: uniform_floor(run.summary, metric, fixed if d is None else {**fixed, "data": d})
         for d, (_, fixed) in zip(datas, slices)
@@ -99,8 +99,8 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
             ax.plot(xs, mean, color=pal.line_colour(fm, wm), marker=pal.marker[fm], label=wm)
             band(ax, xs, mean, lo, hi, pal.line_colour(fm, wm), log_y)
         if metric == "kernel_rel_mse" and (overlay := iid_overlay(panel, metric)) is not None:
-            ax.plot(overlay.x, overlay.y, color="black", ls=":", lw=1.4, zorder=5)
-            overlay_label = overlay.label
+            style = overlays.setdefault(overlay.label, ":" if overlay.label.startswith("closed") else "-.")
+            ax.plot(overlay.x, overlay.y, color="black", ls=style, lw=1.4, zorder=5)
         if floors.get(data) is not None:
             colour, _ = baseline_style("uniform")
             ax.axhline(floors[data], color=colour, ls="--", lw=1.3)
@@ -122,11 +122,12 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
     has_floor = any(v is not None for v in floors.values())
     # Panel titles name the feature map, so the legend lists colours (and baselines) only.
     handles, labels = pal.legend_handles(rows, ["uniform"] if has_floor else [], markers=False)
-    if overlay_label:
+    if overlays:
         from matplotlib.lines import Line2D
 
-        handles.append(Line2D([], [], color="black", ls=":", lw=1.4))
-        labels.append(overlay_label)
+        for label, style in overlays.items():
+            handles.append(Line2D([], [], color="black", ls=style, lw=1.4))
+            labels.append(label)
     fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows, markers=False))
     files = save(fig, name, opts)
     where = [describe_slice({k: v for k, v in fixed.items() if k != "data"}) for _, fixed in slices]
@@ -140,8 +141,11 @@ def error_vs_features(run: Run, opts: Options, metric: str, name: str) -> Figure
                f"panel has its own y range), mean over {seeds_text(rows)} with 95% t-interval bands"
                + (f" ({slice_txt})" if slice_txt else "") + ". One panel per feature map"
                + (", one colour per weight matrix" if not pal.by_feature_map else "") + ". Lower is better.")
-    if overlay_label:
-        caption += (" Dotted: " + overlay_label + "; i.i.d. weights give an unbiased mean of m i.i.d. "
+    if overlays:
+        kinds = {":": "dotted", "-.": "dash-dotted"}
+        named = "; ".join(f"{kinds[style]}: {label}" for label, style in overlays.items())
+        caption += (" Black " + named + " (in the panels where it is available); i.i.d. weights give "
+                    "an unbiased mean of m i.i.d. "
                     "terms, so their expected MSE is Var₁/m (an expectation: the mean over a few seeds "
                     "can fall far below it), and a weight matrix whose expected MSE lies below the line "
                     "beats i.i.d. sampling.")
