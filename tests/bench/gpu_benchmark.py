@@ -108,6 +108,9 @@ def make_provider(name: str, args, device, dtype, causal: bool, config: dict):
         attn = FastAttention(dim_heads=args.dim, nb_features=args.features, causal=causal).to(device, dtype)
         return lambda q, k, v: attn(q, k, v)
     if name == "fla":
+        if torch.device(device).type != "cuda":  # fla-core imports on a CPU, its chunk kernels do not run
+            raise NotImplementedError("fla's chunk_linear_attn needs a GPU (Triton's interpreter finds no "
+                                      "driver for its autotuned kernels)")
         from fla.ops.linear_attn import chunk_linear_attn  # pip install flash-linear-attention
 
         def run(q, k, v):
