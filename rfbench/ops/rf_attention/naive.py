@@ -212,17 +212,25 @@ def _row_term(x: torch.Tensor, form: ExpForm, b0: torch.Tensor) -> torch.Tensor:
 
 
 def _exp_block(
-    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None, finite: bool
+    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None, finite: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, r)``: E = 2^(a - r) ``[..., n, F]`` built in place, a = x W^T (+ bias_f) (base-2
-    log-features), r ``[..., n]`` its row max (the per-token stabiliser; -inf -> 0 as in
-    ``stabiliser_constant``, a case only a bias of -inf for every feature makes: ``finite`` False)."""
-    a = x @ Wt
+    """``(E, r)``: E = 2^(a - r) ``[..., n, F]`` built in place (in ``out`` if given), a = x W^T
+    (+ bias_f) (base-2 log-features), r ``[..., n]`` its row max (the per-token stabiliser; -inf -> 0
+    as in ``stabiliser_constant``, a case only a bias of -inf for every feature makes: ``finite``
+    False)."""
+    a = x @ Wt if out is None else torch.matmul(x, Wt, out=out)
     if bias is not None:
         a.add_(bias.unsqueeze(-2))
     r = a.amax(dim=-1)
     a.sub_((r if finite else r.masked_fill(r == -math.inf, 0.0)).unsqueeze(-1)).exp2_()
     return a, r
+
+
+def _fits(buf: torch.Tensor, left: int) -> torch.Tensor | None:
+    """``buf`` when the block starting here has all its ``buf.shape[-2]`` tokens (``left`` remain),
+    else None (the ragged last block gets a fresh matrix)."""
+    return buf if left >= buf.shape[-2] else None
 
 
 def _exp2_nonpos(x: torch.Tensor, finite: bool) -> torch.Tensor:
@@ -285,8 +293,11 @@ def blocked_rf_attention(
     ST = None
     c = q.new_full(lead, -math.inf)  # the running key constant (max l so far)
     lk_all = _row_term(k, form, b0)  # [..., Lk]: the shared part of each key's log-features
+    # one feature buffer for all whole blocks (each block's E and Q are used up before the next):
+    # warm in cache, no allocation per block
+    kbuf = k.new_empty(*torch.broadcast_shapes(k.shape[:-2], Wt.shape[:-2]), min(block, k.shape[-2]), F)
     for i in range(0, k.shape[-2], block):
-        E, r = _exp_block(k[..., i : i + block, :], Wt, bias, finite)
+        E, r = _exp_block(k[..., i : i + block, :], Wt, bias, finite, _fits(kbuf, k.shape[-2] - i))
         lk = r + lk_all[..., i : i + block]  # [..., n]: each key's max log-feature
         c_new = torch.maximum(c, lk.amax(dim=-1))
         c_eff = c_new if finite else c_new.masked_fill(c_new == -math.inf, 0.0)  # all-zero keys: 0
@@ -302,9 +313,10 @@ def blocked_rf_attention(
         c = c_new
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
     dens = []
+    qbuf = q.new_empty(*torch.broadcast_shapes(q.shape[:-2], Wt.shape[:-2]), min(block, q.shape[-2]), F)
     for i in range(0, q.shape[-2], block):
         # the per-query constant is dropped: it cancels
-        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite)
+        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite, _fits(qbuf, q.shape[-2] - i))
         if sign is not None:
             Q.mul_(sign)
         # numerators and denominators apart: a GEMM with N = dv (64) runs ~15 % faster than with
@@ -343,11 +355,14 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
     out = q.new_empty(*lead, L, dv1 - 1)
     ST, c, run = q.new_zeros(*lead, dv1, F), None, None  # the carried state (transposed), its constant
     lk_all = _row_term(k, form, b0)  # [..., L]: the shared part of each key's log-features
+    # one pair of feature buffers for all whole blocks, as in the non-causal path
+    qbuf = q.new_empty(*torch.broadcast_shapes(q.shape[:-2], Wt.shape[:-2]), min(block, L), F)
+    kbuf = k.new_empty(*torch.broadcast_shapes(k.shape[:-2], Wt.shape[:-2]), min(block, L), F)
     for b in range(0, L, block):
-        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite)
+        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite, _fits(qbuf, L - b))
         if sign is not None:
             Q.mul_(sign)
-        E, r = _exp_block(k[..., b : b + block, :], Wt, bias, finite)
+        E, r = _exp_block(k[..., b : b + block, :], Wt, bias, finite, _fits(kbuf, L - b))
         lk = (r + lk_all[..., b : b + block]).expand(*lead, -1)  # [..., n]: each key's max log-feature
         pm = torch.cummax(lk, dim=-1).values
         if run is not None:  # prefix max of l before this block
