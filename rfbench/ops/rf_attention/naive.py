@@ -356,8 +356,13 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
     ST, c, run = q.new_zeros(*lead, dv1, F), None, None  # the carried state (transposed), its constant
     lk_all = _row_term(k, form, b0)  # [..., L]: the shared part of each key's log-features
     # one pair of feature buffers for all whole blocks, as in the non-causal path
-    qbuf = q.new_empty(*torch.broadcast_shapes(q.shape[:-2], Wt.shape[:-2]), min(block, L), F)
-    kbuf = k.new_empty(*torch.broadcast_shapes(k.shape[:-2], Wt.shape[:-2]), min(block, L), F)
+    qlead, klead = (torch.broadcast_shapes(x.shape[:-2], Wt.shape[:-2]) for x in (q, k))
+    qbuf, kbuf = q.new_empty(*qlead, min(block, L), F), k.new_empty(*klead, min(block, L), F)
+    # and for the scores and the chunk states of a whole block: two of the states, since the state
+    # a block reads (ST) is a view of the previous block's
+    nc = block // chunk
+    ws = (q.new_empty(*torch.broadcast_shapes(qlead, klead), nc, chunk, chunk),
+          [q.new_empty(*lead, nc, dv1, F) for _ in range(2)])
     for b in range(0, L, block):
         Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite, _fits(qbuf, L - b))
         if sign is not None:
@@ -377,16 +382,18 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
         full = n - n % chunk
         for lo, hi in ((0, full), (full, n)):  # whole chunks, then the ragged tail (if any)
             if hi > lo:
+                bufs = (ws[0], ws[1][(b // block) % 2]) if hi - lo == block else None
                 ST, c = _causal_chunks(
                     Q[..., lo:hi, :], E[..., lo:hi, :], lk[..., lo:hi], mk[..., lo:hi],
-                    v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite,
+                    v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite, bufs,
                 )
     return out
 
 
-def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
+def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite, bufs=None):
     """Causal attention of ``n = nc * C`` tokens in ``nc`` chunks of ``C``, written into ``out``;
-    returns the state after them and its constant.
+    returns the state after them and its constant. ``bufs``: None or matrices for the scores
+    ``[..., nc, C, C]`` and the chunk states ``[..., nc, dv + 1, F]`` (not ST's).
 
     Q, E ``[..., n, F]`` (query / key features), lk, mk ``[..., n]`` (key log-maxima l and prefix
     maxima m, base 2), v1 ``[..., n, dv + 1]``, ST ``[..., dv + 1, F]`` the incoming state
@@ -404,9 +411,11 @@ def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
     cs = torch.cat([c.unsqueeze(-1), mc[..., -1]], dim=-1)  # [..., nc + 1]: c, c_0, ..., c_(nc-1)
     # intra-chunk scores [..., nc, t, s] times 2^(l_s - m_t); tril_ zeroes s > t (any value there)
     dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).exp2_().tril_()
-    nd = (Qc @ Ec.transpose(-1, -2)).mul_(dec) @ vc  # [..., nc, C, dv1]
+    abuf, pbuf = (None, None) if bufs is None else bufs
+    nd = torch.matmul(Qc, Ec.transpose(-1, -2), out=abuf).mul_(dec) @ vc  # [..., nc, C, dv1]
     # P_j transposed: ([v, 1] w)^T E is the faster GEMM, as for the non-causal state
-    PT = (vc * _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1)).transpose(-1, -2) @ Ec
+    PT = torch.matmul((vc * _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1)).transpose(-1, -2),
+                      Ec, out=pbuf)
     carry = _exp2_nonpos(cs[..., :-1] - cs[..., 1:], finite)[..., None, None].unbind(-3)
     if PT.shape[:-3] != ST.shape[:-2]:  # queries with more leading dims than keys: one state each
         PT = PT.expand(*ST.shape[:-2], *PT.shape[-3:]).contiguous()
