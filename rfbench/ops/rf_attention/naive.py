@@ -360,9 +360,12 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
     qbuf, kbuf = q.new_empty(*qlead, min(block, L), F), k.new_empty(*klead, min(block, L), F)
     # and for the scores and the chunk states of a whole block: two of the states, since the state
     # a block reads (ST) is a view of the previous block's
-    nc = block // chunk
-    ws = (q.new_empty(*torch.broadcast_shapes(qlead, klead), nc, chunk, chunk),
-          [q.new_empty(*lead, nc, dv1, F) for _ in range(2)])
+    nc, slead = block // chunk, torch.broadcast_shapes(qlead, klead)
+    ws = {"A": q.new_empty(*slead, nc, chunk, chunk), "dec": q.new_empty(*lead, nc, chunk, chunk),
+          "nd": q.new_empty(*lead, nc, chunk, dv1), "vw": q.new_empty(*lead, nc, chunk, dv1)}
+    pts = [q.new_empty(*lead, nc, dv1, F) for _ in range(2)]
+    v1buf = v.new_empty(*v.shape[:-2], min(block, L), dv1)
+    v1buf[..., -1] = 1  # [v, 1]: the ones give the denominators
     for b in range(0, L, block):
         Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite, _fits(qbuf, L - b))
         if sign is not None:
@@ -378,11 +381,15 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
             c = mk[..., 0]
         n = lk.shape[-1]
         vb = v[..., b : b + block, :]
-        v1 = torch.cat([vb, vb.new_ones(*vb.shape[:-1], 1)], dim=-1)  # [v, 1]: the ones give the denominators
+        if vb.shape[-2] == v1buf.shape[-2]:
+            v1 = v1buf
+            v1[..., :-1].copy_(vb)
+        else:
+            v1 = torch.cat([vb, vb.new_ones(*vb.shape[:-1], 1)], dim=-1)
         full = n - n % chunk
         for lo, hi in ((0, full), (full, n)):  # whole chunks, then the ragged tail (if any)
             if hi > lo:
-                bufs = (ws[0], ws[1][(b // block) % 2]) if hi - lo == block else None
+                bufs = dict(ws, PT=pts[(b // block) % 2]) if hi - lo == block else {}
                 ST, c = _causal_chunks(
                     Q[..., lo:hi, :], E[..., lo:hi, :], lk[..., lo:hi], mk[..., lo:hi],
                     v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite, bufs,
@@ -390,10 +397,10 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
     return out
 
 
-def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite, bufs=None):
+def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite, bufs):
     """Causal attention of ``n = nc * C`` tokens in ``nc`` chunks of ``C``, written into ``out``;
-    returns the state after them and its constant. ``bufs``: None or matrices for the scores
-    ``[..., nc, C, C]`` and the chunk states ``[..., nc, dv + 1, F]`` (not ST's).
+    returns the state after them and its constant. ``bufs``: matrices to reuse, by name (scores
+    ``A``, decays ``dec``, ``nd``, ``vw``, chunk states ``PT``, not ST's), or {} for fresh ones.
 
     Q, E ``[..., n, F]`` (query / key features), lk, mk ``[..., n]`` (key log-maxima l and prefix
     maxima m, base 2), v1 ``[..., n, dv + 1]``, ST ``[..., dv + 1, F]`` the incoming state
@@ -410,12 +417,12 @@ def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite, bufs=None):
     lc, mc = lk.unflatten(-1, (nc, C)), mk.unflatten(-1, (nc, C))
     cs = torch.cat([c.unsqueeze(-1), mc[..., -1]], dim=-1)  # [..., nc + 1]: c, c_0, ..., c_(nc-1)
     # intra-chunk scores [..., nc, t, s] times 2^(l_s - m_t); tril_ zeroes s > t (any value there)
-    dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).exp2_().tril_()
-    abuf, pbuf = (None, None) if bufs is None else bufs
-    nd = torch.matmul(Qc, Ec.transpose(-1, -2), out=abuf).mul_(dec) @ vc  # [..., nc, C, dv1]
+    dec = torch.sub(lc.unsqueeze(-2), mc.unsqueeze(-1), out=bufs.get("dec")).exp2_().tril_()
+    A = torch.matmul(Qc, Ec.transpose(-1, -2), out=bufs.get("A")).mul_(dec)
+    nd = torch.matmul(A, vc, out=bufs.get("nd"))  # [..., nc, C, dv1]
     # P_j transposed: ([v, 1] w)^T E is the faster GEMM, as for the non-causal state
-    PT = torch.matmul((vc * _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1)).transpose(-1, -2),
-                      Ec, out=pbuf)
+    vw = torch.mul(vc, _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1), out=bufs.get("vw"))
+    PT = torch.matmul(vw.transpose(-1, -2), Ec, out=bufs.get("PT"))
     carry = _exp2_nonpos(cs[..., :-1] - cs[..., 1:], finite)[..., None, None].unbind(-3)
     if PT.shape[:-3] != ST.shape[:-2]:  # queries with more leading dims than keys: one state each
         PT = PT.expand(*ST.shape[:-2], *PT.shape[-3:]).contiguous()
