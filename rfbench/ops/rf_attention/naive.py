@@ -212,17 +212,25 @@ def _row_term(x: torch.Tensor, form: ExpForm, b0: torch.Tensor) -> torch.Tensor:
 
 
 def _exp_block(
-    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None, finite: bool
+    x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor | None, finite: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, r)``: E = 2^(a - r) ``[..., n, F]`` built in place, a = x W^T (+ bias_f) (base-2
-    log-features), r ``[..., n]`` its row max (the per-token stabiliser; -inf -> 0 as in
-    ``stabiliser_constant``, a case only a bias of -inf for every feature makes: ``finite`` False)."""
-    a = x @ Wt
+    """``(E, r)``: E = 2^(a - r) ``[..., n, F]`` built in place (in ``out`` if given), a = x W^T
+    (+ bias_f) (base-2 log-features), r ``[..., n]`` its row max (the per-token stabiliser; -inf -> 0
+    as in ``stabiliser_constant``, a case only a bias of -inf for every feature makes: ``finite``
+    False)."""
+    a = x @ Wt if out is None else torch.matmul(x, Wt, out=out)
     if bias is not None:
         a.add_(bias.unsqueeze(-2))
     r = a.amax(dim=-1)
     a.sub_((r if finite else r.masked_fill(r == -math.inf, 0.0)).unsqueeze(-1)).exp2_()
     return a, r
+
+
+def _fits(buf: torch.Tensor, left: int) -> torch.Tensor | None:
+    """``buf`` when the block starting here has all its ``buf.shape[-2]`` tokens (``left`` remain),
+    else None (the ragged last block gets a fresh matrix)."""
+    return buf if left >= buf.shape[-2] else None
 
 
 def _exp2_nonpos(x: torch.Tensor, finite: bool) -> torch.Tensor:
@@ -285,8 +293,11 @@ def blocked_rf_attention(
     ST = None
     c = q.new_full(lead, -math.inf)  # the running key constant (max l so far)
     lk_all = _row_term(k, form, b0)  # [..., Lk]: the shared part of each key's log-features
+    # one feature buffer for all whole blocks (each block's E and Q are used up before the next):
+    # warm in cache, no allocation per block
+    kbuf = k.new_empty(*torch.broadcast_shapes(k.shape[:-2], Wt.shape[:-2]), min(block, k.shape[-2]), F)
     for i in range(0, k.shape[-2], block):
-        E, r = _exp_block(k[..., i : i + block, :], Wt, bias, finite)
+        E, r = _exp_block(k[..., i : i + block, :], Wt, bias, finite, _fits(kbuf, k.shape[-2] - i))
         lk = r + lk_all[..., i : i + block]  # [..., n]: each key's max log-feature
         c_new = torch.maximum(c, lk.amax(dim=-1))
         c_eff = c_new if finite else c_new.masked_fill(c_new == -math.inf, 0.0)  # all-zero keys: 0
@@ -302,9 +313,10 @@ def blocked_rf_attention(
         c = c_new
     out = q.new_empty(*lead, q.shape[-2], dv1 - 1)
     dens = []
+    qbuf = q.new_empty(*torch.broadcast_shapes(q.shape[:-2], Wt.shape[:-2]), min(block, q.shape[-2]), F)
     for i in range(0, q.shape[-2], block):
         # the per-query constant is dropped: it cancels
-        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite)
+        Q, _ = _exp_block(q[..., i : i + block, :], Wt, bias, finite, _fits(qbuf, q.shape[-2] - i))
         if sign is not None:
             Q.mul_(sign)
         # numerators and denominators apart: a GEMM with N = dv (64) runs ~15 % faster than with
@@ -343,11 +355,22 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
     out = q.new_empty(*lead, L, dv1 - 1)
     ST, c, run = q.new_zeros(*lead, dv1, F), None, None  # the carried state (transposed), its constant
     lk_all = _row_term(k, form, b0)  # [..., L]: the shared part of each key's log-features
+    # one pair of feature buffers for all whole blocks, as in the non-causal path
+    qlead, klead = (torch.broadcast_shapes(x.shape[:-2], Wt.shape[:-2]) for x in (q, k))
+    qbuf, kbuf = q.new_empty(*qlead, min(block, L), F), k.new_empty(*klead, min(block, L), F)
+    # and for the scores and the chunk states of a whole block: two of the states, since the state
+    # a block reads (ST) is a view of the previous block's
+    nc, slead = block // chunk, torch.broadcast_shapes(qlead, klead)
+    ws = {"A": q.new_empty(*slead, nc, chunk, chunk), "dec": q.new_empty(*lead, nc, chunk, chunk),
+          "nd": q.new_empty(*lead, nc, chunk, dv1), "vw": q.new_empty(*lead, nc, chunk, dv1)}
+    pts = [q.new_empty(*lead, nc, dv1, F) for _ in range(2)]
+    v1buf = v.new_empty(*v.shape[:-2], min(block, L), dv1)
+    v1buf[..., -1] = 1  # [v, 1]: the ones give the denominators
     for b in range(0, L, block):
-        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite)
+        Q, _ = _exp_block(q[..., b : b + block, :], Wt, bias, finite, _fits(qbuf, L - b))
         if sign is not None:
             Q.mul_(sign)
-        E, r = _exp_block(k[..., b : b + block, :], Wt, bias, finite)
+        E, r = _exp_block(k[..., b : b + block, :], Wt, bias, finite, _fits(kbuf, L - b))
         lk = (r + lk_all[..., b : b + block]).expand(*lead, -1)  # [..., n]: each key's max log-feature
         pm = torch.cummax(lk, dim=-1).values
         if run is not None:  # prefix max of l before this block
@@ -358,20 +381,26 @@ def _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite):
             c = mk[..., 0]
         n = lk.shape[-1]
         vb = v[..., b : b + block, :]
-        v1 = torch.cat([vb, vb.new_ones(*vb.shape[:-1], 1)], dim=-1)  # [v, 1]: the ones give the denominators
+        if vb.shape[-2] == v1buf.shape[-2]:
+            v1 = v1buf
+            v1[..., :-1].copy_(vb)
+        else:
+            v1 = torch.cat([vb, vb.new_ones(*vb.shape[:-1], 1)], dim=-1)
         full = n - n % chunk
         for lo, hi in ((0, full), (full, n)):  # whole chunks, then the ragged tail (if any)
             if hi > lo:
+                bufs = dict(ws, PT=pts[(b // block) % 2]) if hi - lo == block else {}
                 ST, c = _causal_chunks(
                     Q[..., lo:hi, :], E[..., lo:hi, :], lk[..., lo:hi], mk[..., lo:hi],
-                    v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite,
+                    v1[..., lo:hi, :], ST, c, min(chunk, hi - lo), out[..., b + lo : b + hi, :], finite, bufs,
                 )
     return out
 
 
-def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
+def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite, bufs):
     """Causal attention of ``n = nc * C`` tokens in ``nc`` chunks of ``C``, written into ``out``;
-    returns the state after them and its constant.
+    returns the state after them and its constant. ``bufs``: matrices to reuse, by name (scores
+    ``A``, decays ``dec``, ``nd``, ``vw``, chunk states ``PT``, not ST's), or {} for fresh ones.
 
     Q, E ``[..., n, F]`` (query / key features), lk, mk ``[..., n]`` (key log-maxima l and prefix
     maxima m, base 2), v1 ``[..., n, dv + 1]``, ST ``[..., dv + 1, F]`` the incoming state
@@ -388,10 +417,12 @@ def _causal_chunks(Q, E, lk, mk, v1, ST, c, C, out, finite):
     lc, mc = lk.unflatten(-1, (nc, C)), mk.unflatten(-1, (nc, C))
     cs = torch.cat([c.unsqueeze(-1), mc[..., -1]], dim=-1)  # [..., nc + 1]: c, c_0, ..., c_(nc-1)
     # intra-chunk scores [..., nc, t, s] times 2^(l_s - m_t); tril_ zeroes s > t (any value there)
-    dec = (lc.unsqueeze(-2) - mc.unsqueeze(-1)).exp2_().tril_()
-    nd = (Qc @ Ec.transpose(-1, -2)).mul_(dec) @ vc  # [..., nc, C, dv1]
+    dec = torch.sub(lc.unsqueeze(-2), mc.unsqueeze(-1), out=bufs.get("dec")).exp2_().tril_()
+    A = torch.matmul(Qc, Ec.transpose(-1, -2), out=bufs.get("A")).mul_(dec)
+    nd = torch.matmul(A, vc, out=bufs.get("nd"))  # [..., nc, C, dv1]
     # P_j transposed: ([v, 1] w)^T E is the faster GEMM, as for the non-causal state
-    PT = (vc * _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1)).transpose(-1, -2) @ Ec
+    vw = torch.mul(vc, _exp2_nonpos(lc - cs[..., 1:, None], finite).unsqueeze(-1), out=bufs.get("vw"))
+    PT = torch.matmul(vw.transpose(-1, -2), Ec, out=bufs.get("PT"))
     carry = _exp2_nonpos(cs[..., :-1] - cs[..., 1:], finite)[..., None, None].unbind(-3)
     if PT.shape[:-3] != ST.shape[:-2]:  # queries with more leading dims than keys: one state each
         PT = PT.expand(*ST.shape[:-2], *PT.shape[-3:]).contiguous()
