@@ -26,6 +26,9 @@ below a stated floor, so it is never zero and z is never infinite:
   median absolute deviation of their log-ratios about the median (robust: a regression in a
   minority of cells does not inflate it). It is what one cell's ratio scatters by when nothing
   changed, measured in this very comparison;
+- jitter (times): the absolute floor (30 us) over the faster run's time, in log units: a call's
+  time scatters by tens of microseconds however short the call (the interpreter, the allocator),
+  so a 25 us cell needs a change of e^4 to count while a 1 ms one is unaffected;
 - floor: ``REL_FLOOR`` per metric kind: time 10 % (6 % for an estimator's all-cells row), memory
   1 %, errors 1 %. Memory repeats to the
   byte on the CPU (rfbench.suite.measure's allocation tracker) and on CUDA, so only the floor
@@ -89,6 +92,9 @@ from rfbench.results import load_meta, load_results
 from rfbench.results.meta import META_FILE
 
 DEFAULT_METRICS = ("time_ms", "peak_mem_bytes", "kernel_rel_mse", "out_rel_err")
+#: Least change that counts (and, for times, an absolute jitter: a call's time scatters by about this
+#: much however short it is; the uniform baseline's ~25 us cells read x3.2 and x3.7 between two quiet
+#: runs on the CI machine, z = 7-9 against its relative noise alone)
 ABS_FLOOR = {"time_ms": 0.03, "draw_ms": 0.03, "fit_ms": 0.03, "peak_mem_bytes": float(2**20),
              "tokens_per_s": 0.0}
 ERROR_FLOOR = 1e-6
@@ -472,7 +478,11 @@ def _compare(vb, vn, metric: str, pooled: dict, rep, threshold: float, z_crit: f
             if clock["clock"] == "cpu":
                 notes.append(f"judged on CPU time x{math.exp(judged_abs):.2f}")
         cells = (spread or {}).get("log") or 0.0
-        noise = max(own, pool, repeat, math.sqrt(between_b + between_n), cells, floor)
+        jitter = 0.0
+        if kind == "time" and metric in ABS_FLOOR:  # an absolute jitter, relative to the faster run
+            t_min = min(clock["base"], clock["new"]) if clock is not None else min(mb, mn)
+            jitter = ABS_FLOOR[metric] / t_min if t_min > 0 else 0.0
+        noise = max(own, pool, repeat, math.sqrt(between_b + between_n), cells, floor, jitter)
     else:  # zeros (an exact baseline's error): linear change relative to the larger value
         top = max(abs(mb), abs(mn))
         judged_abs = judged = (mn - mb) / top if top else 0.0

@@ -134,7 +134,10 @@ def group_row(name: str, members: list, threshold: float, z_crit: float, abs_flo
     k = len(logs)
     spread = max(((sp or {}).get("log") or 0.0) for _, sp in members)
     own = float(np.std(logs, ddof=1)) if k > 1 else 0.0
-    noise = max(max(spread, own) / math.sqrt(k), GROUP_FLOOR)
+    base = float(np.exp(np.mean([math.log(c["base"]) for c, _ in members])))
+    new = float(np.exp(np.mean([math.log(c["new"]) for c, _ in members])))
+    jitter = abs_floor / min(base, new) if min(base, new) > 0 else 0.0  # absolute jitter (compare.py)
+    noise = max(max(spread, own, jitter) / math.sqrt(k), GROUP_FLOOR)
     mean = float(logs.mean())
     z = mean / noise
     n_scatter = sum(c["cv"] > CV_MAX for c, _ in members)
@@ -142,8 +145,6 @@ def group_row(name: str, members: list, threshold: float, z_crit: float, abs_flo
     ref_ratio = float(np.exp(np.mean(np.log(refs)))) if refs else math.nan
     clock = members[0][0]["clock"]
     notes = [f"{k} cells, {'CPU' if clock == 'cpu' else 'wall'} time" + (" vs ref" if use_ref else "")]
-    base = float(np.exp(np.mean([math.log(c["base"]) for c, _ in members])))
-    new = float(np.exp(np.mean([math.log(c["new"]) for c, _ in members])))
     if abs(math.expm1(mean)) <= threshold or abs(new - base) <= abs_floor:
         verdict = "same"
     elif n_scatter > k / 2:
