@@ -334,7 +334,7 @@ class Estimator:
         fused kernels of rfbench.ops run where ``fused_reasons`` is empty (same math); elsewhere
         exponential maps take ``ops.blocked_rf_attention`` (same math, fewer passes over memory)
         unless a gradient is needed.
-        ``chunk``: tokens per causal chunk; None picks one by L (``ops.blocked_rf_attention``;
+        ``chunk``: tokens per causal chunk; None: the path's default (``ops.blocked_rf_attention``'s CHUNK;
         128 on the torch path).
         ``check=False`` skips the NaN/Inf scan of q, k and v (shapes are still checked): for a
         timed loop whose inputs were validated once (the scan is one read of each input).

@@ -46,7 +46,6 @@ BOARD_METRICS = ("kernel_rel_mse", "out_rel_err", "time_ms", "peak_mem_bytes")
 # Output error first (rfbench.results.schema.RANK_ORDER, which the table `rfbench run` prints also
 # follows): the kernel relative MSE is heavy-tailed over seeds, so its t-intervals seldom separate.
 RANK_BY = RANK_ORDER
-RANK_BY_HELD_OUT = RANK_ORDER
 #: The leaderboard's rank rule in words (``noise_ranks``), for its caption.
 RANK_RULE = ("Rank = 1 + the number of estimators whose 95% interval lies wholly below this one's, "
              "raised where needed to the rank of the row above, so ranks never fall down the table; "
@@ -130,8 +129,7 @@ def leaderboard(run: Run, rows: pd.DataFrame, fixed: dict, several_causal: bool 
     base = baselines_for(run.summary, fixed)
     frame = pd.concat([rows, base])
     metrics = [m for m in BOARD_METRICS if has_metric(frame, m)]
-    order = RANK_BY_HELD_OUT if is_held_out(run) else RANK_BY
-    rank_by = next((m for m in order if m in metrics), None)
+    rank_by = next((m for m in RANK_BY if m in metrics), None)
     key, lo, hi = value_columns(rows, rank_by) if rank_by else (None, None, None)
     ok = rows["status"] == "ok"
     if key:

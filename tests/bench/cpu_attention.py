@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 import rfbench as rb
-from rfbench.ops.rf_attention.naive import _blocks
+from rfbench.ops.rf_attention.naive import CHUNK as RF_CHUNK
 from tests.bench.legacy_attention import legacy_attention
 
 H, D, M = 8, 64, 256
-CHUNK = _blocks(1024, True)[1]  # the causal chunk rfbench's CPU path uses by default
+CHUNK = RF_CHUNK  # the causal chunk rfbench's CPU path uses by default
 
 
 def plain_posrf(q, k, v, W):

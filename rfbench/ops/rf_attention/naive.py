@@ -177,19 +177,16 @@ def _underflowed(den: torch.Tensor, n_terms: int) -> torch.Tensor:
 LOG2E = 1.0 / math.log(2.0)
 
 
-def _blocks(L: int, causal: bool) -> tuple[int, int]:
-    """``(block, chunk)`` tokens by default: blocks of 128, causal chunks of 64.
-
-    Small blocks, above all, because of the allocator: with glibc, a temporary of a few MiB
-    freed every block comes back as fresh pages (a page fault per 4 KiB, ~1.7 us here), and at
-    L = 1,024 512-token blocks took ~4,800 faults per call (~8 ms of ~27 ms, 1 thread); with
-    ``[H, 128, F]`` temporaries (1 MiB at H = 8, F = 256) they were mostly gone and, with the faults
-    switched off (MALLOC_TRIM_THRESHOLD_), blocks of 128-1,024 ran alike. Causal chunks of 64 (two per
-    block): the masked chunk-local scores cost 2 C (F + dv + 1) per token; 32 made the chunk
-    states' GEMMs too thin, a block of one 128-chunk did twice the local work (tests/bench/README.md).
-    ``L`` is unused for now: the same sizes won from 1,024 to 16,384 tokens.
-    """
-    return (128, 64) if causal else (128, 0)
+#: Tokens per feature block and per causal chunk of the CPU path. Small blocks, above all, because
+#: of the allocator: with glibc, a temporary of a few MiB freed every block comes back as fresh
+#: pages (a page fault per 4 KiB, ~1.7 us here), and at L = 1,024 512-token blocks took ~4,800
+#: faults per call (~8 ms of ~27 ms, 1 thread); with ``[H, 128, F]`` temporaries (1 MiB at H = 8,
+#: F = 256) they were mostly gone and, with the faults switched off (MALLOC_TRIM_THRESHOLD_),
+#: blocks of 128-1,024 ran alike. Causal chunks of 64 (two per block): the masked chunk-local
+#: scores cost 2 C (F + dv + 1) per token; 32 made the chunk states' GEMMs too thin, a block of one
+#: 128-chunk did twice the local work (tests/bench/README.md). The same sizes won from 1,024 to
+#: 16,384 tokens, so they do not depend on L.
+BLOCK, CHUNK = 128, 64
 
 
 def _split_bias(bias: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -255,7 +252,7 @@ def blocked_rf_attention(
     q ``[..., Lq, d]``, k ``[..., Lk, d]``, v ``[..., Lk, dv]`` in one floating dtype (the compute
     dtype) -> ``[..., Lq, dv]``. Features are built ``block`` tokens at a time (one GEMM, one row
     max, in-place sub and exp), so no ``[..., L, F]`` matrix is held whole; causal attention
-    works in chunks of ``chunk`` tokens. None: by L (``_blocks``).
+    works in chunks of ``chunk`` tokens. None: ``BLOCK``, ``CHUNK``.
 
     Each token's log-features are l_tf = a_tf + t_t with a = x W^T (+ a per-feature bias) and t_t
     = coef |P x_t|^2 (+ a bias shared by all features). The features are stored as
@@ -280,10 +277,9 @@ def blocked_rf_attention(
     # every token has a finite largest log-feature unless some row of bias is -inf throughout
     finite = bias is None or bool(torch.isfinite(bias.amax(dim=-1)).all())
     sign = form.sign
-    auto_block, auto_chunk = _blocks(q.shape[-2], causal)
-    block = auto_block if block is None else block
+    block = BLOCK if block is None else block
     if causal:
-        chunk = auto_chunk if chunk is None else chunk
+        chunk = CHUNK if chunk is None else chunk
         block = chunk * max(1, block // chunk)
         return _blocked_causal(q, k, v, Wt, bias, b0, sign, form, chunk, block, finite)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], form.lead_shape())

@@ -86,15 +86,15 @@ def error_time_vs_seqlen(run: Run, opts: Options, name: str = "error_time_vs_seq
     pal = Palette(run.summary)
     fig = new_figure(4.2 * len(panels) + 1.6, 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
-    uniform = baselines_for(run.summary, fixed)
-    uniform = uniform[uniform["estimator"].isin(APPROXIMATE_BASELINES)]
-    uniform = ok_rows(uniform, err_metric) if err_metric else uniform.iloc[:0]
+    approx = baselines_for(run.summary, fixed)  # uniform and taylor2: errors of their own
+    approx = approx[approx["estimator"].isin(APPROXIMATE_BASELINES)]
+    approx = ok_rows(approx, err_metric) if err_metric else approx.iloc[:0]
     for ax, metric in zip(axes, panels):
         if metric == err_metric:  # exact attention's error is float rounding: only uniform, taylor2 drawn
-            seqlen_panel(ax, pal, rows, uniform, metric, rows["seq_len"], baseline_bands=False)
+            seqlen_panel(ax, pal, rows, approx, metric, rows["seq_len"], baseline_bands=False)
         else:
             seqlen_panel(ax, pal, ok_rows(rows, "time_ms"), base, metric, rows["seq_len"])
-    drawn = set(uniform["estimator"])  # the approximate baselines on the error panel
+    drawn = set(approx["estimator"])  # the approximate baselines on the error panel
     names = sorted(set(base["estimator"]) | drawn)
     handles, labels = pal.legend_handles(rows, names)
     fig.legend(handles, labels, loc="outside right upper", title=pal.legend_title(rows))
